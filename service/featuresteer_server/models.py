@@ -53,7 +53,9 @@ def find_default_gguf() -> Path:
     return path
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+def convert_gguf(
+    gguf_path: Path, out_dir: Path, progress: Callable[[str], None] | None = None
+) -> Path:
     """Dequantize a GGUF into a float32 safetensors HF directory (written atomically)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,8 +72,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: Callable[[str], None]
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer: Any = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # else save_pretrained refuses a "quantized" model
+        quantizer.remove_quantization_config(model)
     say(f"writing safetensors to {out_dir}")
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
@@ -103,14 +106,21 @@ def resolve_model(model: str | None, progress: Callable[[str], None] | None = No
 
 
 def weights_hash(model_dir: Path) -> str:
-    """sha256 over the model's weight files, in name order."""
-    h = hashlib.sha256()
+    """sha256 over the model's weight files, in name order; remembered in the cache folder
+    per (path, size, mtime) so restarts don't re-read hundreds of MB."""
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    key_src = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    memo = cache_dir() / "hashes" / (hashlib.sha256(key_src.encode()).hexdigest()[:32] + ".txt")
+    if memo.is_file():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(h.hexdigest())
     return h.hexdigest()
 
 
@@ -134,7 +144,10 @@ def hooked_config(hf_config: Any, dtype: Any, n_ctx: int = 2048) -> Any:
     arch = (getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0]
     if arch not in ("LlamaForCausalLM", "MistralForCausalLM"):
         raise ValueError(f"unsupported architecture {arch!r}: the hooked engine supports Llama")
-    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    d_head = (
+        getattr(hf_config, "head_dim", None)
+        or hf_config.hidden_size // hf_config.num_attention_heads
+    )
     n_kv = getattr(hf_config, "num_key_value_heads", None)
     return HookedTransformerConfig(
         d_model=hf_config.hidden_size,
@@ -177,7 +190,9 @@ def build_hooked(hf_model: Any, tokenizer: Any, dtype: Any) -> Any:
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
     cfg = hooked_config(hf_model.config, dtype)
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+    model = HookedTransformer(
+        cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right"
+    )
     state = convert_llama_weights(hf_model, cfg)
     model.load_and_process_state_dict(
         state,

@@ -1,0 +1,151 @@
+"""The one frozen configuration, built once from flags, ``FEATURESTEER_*`` environment
+variables and an optional config file (TOML, JSON or YAML), in that order of precedence.
+
+Fields are flat so that every flag has the obvious environment variable
+(``--metrics-host`` ⇄ ``FEATURESTEER_METRICS_HOST``); the sections below are comments
+and ``Config.limits()`` groups the request limits the servicer enforces.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CATALOG = REPO_ROOT / "dictionaries" / "catalog.json"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; exceeding one is INVALID_ARGUMENT naming the field."""
+
+    max_tokens_per_input: int
+    max_inputs: int
+    max_top_k: int
+    max_dictionaries_per_call: int
+    max_features_per_call: int
+    max_new_tokens: int
+    max_interventions: int
+    max_attribution_tokens: int
+    max_feature_nodes: int
+    max_concurrent_attributions: int
+    max_message_bytes: int
+
+
+class Config(BaseSettings):
+    """Server configuration. Every field is also ``FEATURESTEER_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FEATURESTEER_", frozen=True, extra="forbid")
+    _file_values: ClassVar[dict[str, Any]] = {}
+
+    # -- server
+    host: str = Field("127.0.0.1", description="gRPC bind address")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    grace_seconds: float = Field(10.0, ge=0, description="drain time on SIGTERM")
+    max_message_bytes: int = Field(64 * 1024 * 1024, description="gRPC send/receive limit")
+    log_level: str = "INFO"
+
+    # -- metrics
+    metrics_host: str = Field("127.0.0.1", description="Prometheus exporter bind address")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="0: pick a free port")
+    metrics_enabled: bool = True
+
+    # -- model and engine
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="the default model, or a local Hugging Face model directory",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int = Field(2, ge=1, description="intra-op threads (set explicitly: 2 cores)")
+    torch_interop_threads: int = Field(1, ge=1)
+    generation_engine: Literal["auto", "hooked", "vllm"] = "auto"
+
+    # -- dictionaries
+    catalog: Path | None = Field(DEFAULT_CATALOG, description="catalog file; None: no catalog")
+    dictionaries: tuple[Path, ...] = Field((), description="extra SAELens-format directories")
+    load_catalog_defaults: bool = True
+
+    # -- cache (Redis may evict or go down; the in-process LRU takes over)
+    redis_url: str | None = None
+    store_url: str | None = None
+    cache_ttl_seconds: int = 3600
+    lru_size: int = 4096
+
+    # -- limits
+    max_tokens_per_input: int = Field(1024, ge=1)
+    max_inputs: int = Field(16, ge=1)
+    max_top_k: int = Field(64, ge=1)
+    max_dictionaries_per_call: int = Field(8, ge=1)
+    max_features_per_call: int = Field(256, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+    max_interventions: int = Field(32, ge=1)
+    max_attribution_tokens: int = Field(64, ge=1)
+    max_feature_nodes: int = Field(500, ge=1)
+    max_concurrent_attributions: int = Field(1, ge=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        file_source = InitSettingsSource(settings_cls, dict(cls._file_values))
+        return (init_settings, env_settings, file_source)
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_tokens_per_input=self.max_tokens_per_input,
+            max_inputs=self.max_inputs,
+            max_top_k=self.max_top_k,
+            max_dictionaries_per_call=self.max_dictionaries_per_call,
+            max_features_per_call=self.max_features_per_call,
+            max_new_tokens=self.max_new_tokens,
+            max_interventions=self.max_interventions,
+            max_attribution_tokens=self.max_attribution_tokens,
+            max_feature_nodes=self.max_feature_nodes,
+            max_concurrent_attributions=self.max_concurrent_attributions,
+            max_message_bytes=self.max_message_bytes,
+        )
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def load_config(config_file: Path | None = None, **overrides: Any) -> Config:
+    """Flags (``overrides``, None values ignored) > environment > config file > defaults."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    file_values = _read_file(Path(config_file)) if config_file else {}
+
+    if not file_values:
+        return Config(**values)
+
+    class _WithFile(Config):
+        _file_values: ClassVar[dict[str, Any]] = file_values
+
+    return Config(**_WithFile(**values).model_dump())

@@ -1,0 +1,1 @@
+"""Engines: the model behind one interface (``base.Engine``)."""

@@ -1,0 +1,39 @@
+"""The engine interface. The servicer talks to engines only through this class, so tests can
+run the whole gRPC surface on a tiny random model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any
+
+from featuresteer_server import domain
+from featuresteer_server.errors import Unimplemented
+from featuresteer_server.tokenization import Token, Tokenizer
+
+
+class Engine(ABC):
+    """One model, its dictionaries, and the work it can do on them."""
+
+    name: str = "base"
+    tokenizer: Tokenizer
+
+    @abstractmethod
+    def info(self) -> domain.EngineInfo:
+        """Model, dictionaries and engines."""
+
+    def tokenize(self, req: domain.TokenizeRequest) -> list[Token]:
+        return self.tokenizer.tokenize(req.text, req.prepend_bos)
+
+    @abstractmethod
+    async def decode(self, req: domain.DecodeRequest) -> domain.DecodeResult:
+        """Feature activations per token for each input and dictionary."""
+
+    def generate(self, req: Any) -> AsyncIterator[Any]:
+        raise Unimplemented("Generate is not implemented by this server version yet")
+
+    async def attribute(self, req: Any) -> AsyncIterator[Any]:
+        raise Unimplemented("Attribute is not implemented by this server version yet")
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Release threads and memory."""

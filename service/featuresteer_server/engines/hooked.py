@@ -1,0 +1,288 @@
+"""The hooked engine: the model wrapped by TransformerLens so every hook point is
+addressable and autograd works. Serves DecodeFeatures (and, in later issues, attribution and
+generation when vLLM is absent).
+
+Compute runs on one dedicated worker thread: TransformerLens adds hooks to the shared
+module for the duration of a call, so two calls must never overlap. The asyncio loop stays
+free to serve other RPCs meanwhile (torch releases the GIL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from featuresteer_server import __version__, domain
+from featuresteer_server.engines.base import Engine
+from featuresteer_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from featuresteer_server.tokenization import Token, Tokenizer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def hook_layer(hook_name: str) -> int | None:
+    """Block index of a ``blocks.{L}.…`` hook, None for hooks outside the blocks."""
+    m = _BLOCK_HOOK.match(hook_name)
+    return int(m.group(1)) if m else None
+
+
+def dictionary_info(d: Any) -> domain.DictionaryInfo:
+    metrics = getattr(d, "metrics", None) or {}
+
+    def metric(name: str) -> float | None:
+        v = metrics.get(name)
+        return float(v) if v is not None else None
+
+    return domain.DictionaryInfo(
+        id=d.id,
+        fingerprint=d.fingerprint,
+        architecture=d.architecture,
+        hook_name=d.hook_name,
+        hook_name_out=d.hook_name_out if d.is_transcoder else "",
+        d_in=int(d.d_in),
+        d_sae=int(d.d_sae),
+        source=str(d.source),
+        version=str(getattr(d, "version", "")),
+        description=str(getattr(d, "description", "")),
+        k=getattr(d, "k", None),
+        l0=metric("l0"),
+        fvu=metric("fvu"),
+        dead_fraction=metric("dead_fraction"),
+        ce_loss_delta=metric("ce_loss_delta"),
+    )
+
+
+class HookedEngine(Engine):
+    name = "hooked"
+
+    def __init__(
+        self,
+        model: Any,  # transformer_lens.HookedTransformer
+        tokenizer: Tokenizer,
+        dictionaries: Iterable[Any] = (),
+        *,
+        model_name: str,
+        weights_hash: str,
+        source: str = "",
+        generation_engine: str = "hooked",
+        engines: Sequence[str] = ("hooked",),
+        max_tokens_per_input: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.weights_hash = weights_hash
+        self.source = source
+        self.dtype = str(model.cfg.dtype).removeprefix("torch.")
+        self.hook_names: tuple[str, ...] = tuple(model.hook_dict)
+        self.dictionaries: dict[str, Any] = {}
+        for d in dictionaries:
+            self.add_dictionary(d)
+        self.max_tokens = min(int(model.cfg.n_ctx), max_tokens_per_input or int(model.cfg.n_ctx))
+        self.generation_engine = generation_engine
+        self.engines = tuple(engines)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hooked-engine")
+
+    # -- dictionaries
+    def add_dictionary(self, d: Any) -> None:
+        # loading.py checks widths and hooks against the model; this guards directly built ones
+        for hook in {d.hook_name, d.hook_name_out}:
+            if hook not in self.model.hook_dict:
+                raise ValueError(f"dictionary {d.id}: hook {hook!r} is not a hook of this model")
+        if d.id in self.dictionaries:
+            raise ValueError(f"dictionary id {d.id!r} loaded twice")
+        self.dictionaries[d.id] = d
+
+    def dictionary(self, dictionary_id: str, field: str, fingerprint: str | None = None) -> Any:
+        d = self.dictionaries.get(dictionary_id)
+        if d is None:
+            raise NotFound(f"{field}: unknown dictionary {dictionary_id!r}")
+        if fingerprint and fingerprint != d.fingerprint:
+            raise FailedPrecondition(
+                f"{field}: fingerprint {fingerprint!r} does not match the loaded dictionary "
+                f"{dictionary_id!r} ({d.fingerprint}); it was retrained or replaced"
+            )
+        return d
+
+    def feature(self, ref: domain.FeatureRef, field: str) -> Any:
+        d = self.dictionary(ref.dictionary_id, f"{field}.dictionary_id", ref.fingerprint)
+        if not 0 <= ref.index < d.d_sae:
+            raise InvalidArgument(f"{field}.index", f"{ref.index} outside [0, {d.d_sae})")
+        return d
+
+    # -- info
+    def info(self) -> domain.EngineInfo:
+        cfg = self.model.cfg
+        return domain.EngineInfo(
+            model=domain.ModelInfo(
+                name=self.model_name,
+                weights_hash=self.weights_hash,
+                n_layers=cfg.n_layers,
+                d_model=cfg.d_model,
+                d_vocab=cfg.d_vocab,
+                n_heads=cfg.n_heads,
+                d_mlp=cfg.d_mlp or 0,
+                dtype=self.dtype,
+                bos_token_id=self.tokenizer.bos_id,
+                source=self.source,
+                hook_names=self.hook_names,
+            ),
+            dictionaries=tuple(dictionary_info(d) for d in self.dictionaries.values()),
+            engines=self.engines,
+            generation_engine=self.generation_engine,
+        )
+
+    def provenance(self, dicts: Iterable[Any] = (), **extra: Any) -> domain.Provenance:
+        return domain.Provenance(
+            model_name=self.model_name,
+            model_weights_hash=self.weights_hash,
+            engine=self.name,
+            dtype=self.dtype,
+            dictionary_fingerprints={d.id: d.fingerprint for d in dicts},
+            server_version=__version__,
+            request_id=extra.pop("request_id", "") or uuid.uuid4().hex,
+            **extra,
+        )
+
+    # -- compute
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the engine's worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def _input_tokens(self, req: domain.DecodeRequest) -> list[tuple[Token, ...]]:
+        out: list[tuple[Token, ...]] = []
+        for i, inp in enumerate(req.inputs):
+            if inp.token_ids is not None:
+                self.tokenizer.check_ids(inp.token_ids, f"inputs[{i}].token_ids")
+                toks = self.tokenizer.tokens(inp.token_ids)
+            else:
+                toks = self.tokenizer.tokenize(inp.text or "", req.prepend_bos)
+            if not toks:
+                raise InvalidArgument(
+                    f"inputs[{i}]", "no tokens (empty text and prepend_bos false)"
+                )
+            if len(toks) > self.max_tokens:
+                raise InvalidArgument(
+                    f"inputs[{i}]", f"{len(toks)} tokens > max_tokens_per_input {self.max_tokens}"
+                )
+            out.append(tuple(toks))
+        return out
+
+    async def decode(self, req: domain.DecodeRequest) -> domain.DecodeResult:
+        # empty dictionary_ids: every dictionary, or only the named features' dictionaries
+        dicts = [
+            self.dictionary(d, f"dictionary_ids[{i}]") for i, d in enumerate(req.dictionary_ids)
+        ]
+        if not dicts and not req.features:
+            dicts = list(self.dictionaries.values())
+        selected: dict[str, list[int]] = {}
+        for i, ref in enumerate(req.features):
+            d = self.feature(ref, f"features[{i}]")
+            if d not in dicts:
+                dicts.append(d)
+            selected.setdefault(d.id, []).append(ref.index)
+        if not dicts:
+            raise InvalidArgument("dictionary_ids", "no dictionary is loaded or named")
+        tokens = self._input_tokens(req)
+        items = await self.run(self._decode_sync, tokens, req, dicts, selected)
+        return domain.DecodeResult(items=items, provenance=self.provenance(dicts))
+
+    def forward_cache(
+        self, seqs: Sequence[Sequence[int]], hooks: set[str]
+    ) -> dict[str, torch.Tensor]:
+        """Activations at ``hooks`` for right-padded ``seqs``; causal attention means padding
+        never reaches the real positions, so a batch equals its items run alone."""
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.eos_id or 0
+        tokens = torch.full((len(seqs), width), pad, dtype=torch.long)  # [batch, pos]
+        for b, s in enumerate(seqs):
+            tokens[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        layers = [hook_layer(h) for h in hooks]
+        block_layers = [layer for layer in layers if layer is not None]
+        # stop after the deepest block we need, unless a hook lies outside the blocks
+        stop = max(block_layers) + 1 if len(block_layers) == len(layers) else None
+        with torch.inference_mode():
+            _, cache = self.model.run_with_cache(
+                tokens,
+                names_filter=lambda n: n in hooks,
+                stop_at_layer=stop,
+                return_type=None if stop is None else "logits",
+            )
+        return {h: cache[h] for h in hooks}  # each [batch, pos, d]
+
+    def _decode_sync(
+        self,
+        inputs: list[tuple[Token, ...]],
+        req: domain.DecodeRequest,
+        dicts: list[Any],
+        selected: dict[str, list[int]],
+    ) -> tuple[domain.DecodeItem, ...]:
+        hooks = {d.hook_name for d in dicts}
+        if req.include_error:
+            hooks |= {d.hook_name_out for d in dicts if d.is_transcoder}
+        acts = self.forward_cache([[t.id for t in toks] for toks in inputs], hooks)
+        items = []
+        for b, tokens in enumerate(inputs):
+            n = len(tokens)
+            results = []
+            for d in dicts:
+                x = acts[d.hook_name][b, :n].float()  # [pos, d_in]
+                feats = d.encode(x)  # [pos, d_sae]
+                results.append(
+                    self._positions(d, feats, x, acts, b, n, req, selected.get(d.id, []))
+                )
+            items.append(domain.DecodeItem(tokens=tokens, results=tuple(results)))
+        return tuple(items)
+
+    def _positions(
+        self,
+        d: Any,
+        feats: torch.Tensor,
+        x: torch.Tensor,
+        acts: dict[str, torch.Tensor],
+        b: int,
+        n: int,
+        req: domain.DecodeRequest,
+        sel: list[int],
+    ) -> domain.DictionaryResult:
+        n_pos = feats.shape[0]
+        top_vals: list[list[float]] | None = None
+        top_idx: list[list[int]] | None = None
+        if req.top_k > 0:
+            vals, idx = torch.topk(feats, min(req.top_k, d.d_sae), dim=-1)  # [pos, k]
+            top_vals, top_idx = vals.tolist(), idx.tolist()
+        sel_vals = feats[:, sel].tolist() if sel else None  # [pos, n_sel]
+        err_norm = fvu = None
+        if req.include_error:
+            x_out = acts[d.hook_name_out][b, :n].float() if d.is_transcoder else None
+            err_t, fvu_t = d.error_stats(x, x_out)  # [pos], [pos]
+            err_norm, fvu = err_t.tolist(), fvu_t.tolist()
+        positions = []
+        for p in range(n_pos):
+            top: tuple[tuple[int, float], ...] = ()
+            if top_vals is not None and top_idx is not None:
+                top = tuple((i, v) for i, v in zip(top_idx[p], top_vals[p], strict=True) if v > 0)
+            chosen = tuple(zip(sel, sel_vals[p], strict=True)) if sel_vals is not None else ()
+            positions.append(
+                domain.PositionFeatures(
+                    position=p,
+                    top=top,
+                    selected=chosen,
+                    error_norm=err_norm[p] if err_norm is not None else 0.0,
+                    fvu=fvu[p] if fvu is not None else 0.0,
+                )
+            )
+        return domain.DictionaryResult(dictionary_id=d.id, positions=tuple(positions))
+
+    async def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,90 @@
+"""Domain exceptions and the one mapping from them to gRPC status codes.
+
+Engines, the dictionary runtime and converters raise these; only the error interceptor
+(``interceptors.py``) turns them into statuses. Nothing else picks status codes.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FeatureSteerError(Exception):
+    """Base of every error the service reports on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(FeatureSteerError):
+    """A request field is malformed or out of range; the message names the field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class NotFound(FeatureSteerError):
+    """Unknown dictionary, feature, preset or job."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(FeatureSteerError):
+    """The request pinned a state the server no longer has (e.g. a stale fingerprint)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(FeatureSteerError):
+    """Queue full or memory budget exceeded."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(FeatureSteerError):
+    """The model is loading, the server is draining, or a backing store is down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(FeatureSteerError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(FeatureSteerError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class DeadlineExceeded(FeatureSteerError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(FeatureSteerError):
+    code = grpc.StatusCode.CANCELLED
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code for an exception: ours carry one, the dictionary runtime's (which
+    stays free of gRPC) are mapped here, anything else is INTERNAL."""
+    from featuresteer_server.dictionaries import errors as dict_errors
+
+    if isinstance(exc, FeatureSteerError):
+        return exc.code
+    if isinstance(exc, dict_errors.DictionaryNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, dict_errors.FingerprintMismatch):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, dict_errors.FeatureEditRefused):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.INTERNAL
+
+
+class Unimplemented(FeatureSteerError):
+    """An RPC of the contract that this server version does not serve yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
