@@ -39,7 +39,7 @@ test: setup  ## lint, proto checks, then every test tier (each tier's time is pr
 	bash tests/run.sh
 
 lint: $(SETUP_STAMP)
-	$(VENV)/bin/ruff check service clients/python tests benchmarks dictionaries
+	$(VENV)/bin/ruff check $(wildcard service clients/python tests benchmarks dictionaries)
 	$(VENV)/bin/mypy service/featuresteer_server clients/python/featuresteer
 
 protos: $(SETUP_STAMP)  ## regenerate the Python stubs (committed; never edit them by hand)

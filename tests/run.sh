@@ -35,8 +35,9 @@ fi
 trap '[ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null' EXIT
 echo "redis: $FEATURESTEER_TEST_REDIS_URL"
 
-step "ruff" .venv/bin/ruff check service clients/python tests benchmarks dictionaries
-step "ruff format" .venv/bin/ruff format --check service clients/python tests benchmarks dictionaries
+mapfile -t src < <(ls -d service clients/python tests benchmarks dictionaries 2>/dev/null)
+step "ruff" .venv/bin/ruff check "${src[@]}"
+step "ruff format" .venv/bin/ruff format --check "${src[@]}"
 step "mypy" .venv/bin/mypy service/featuresteer_server clients/python/featuresteer
 step "buf lint" "$BUF" lint proto
 if git cat-file -e main:proto/featuresteer/v1/featuresteer.proto 2>/dev/null; then

@@ -3,6 +3,8 @@ happens here, once; checks that need the model or the dictionaries happen in the
 
 from __future__ import annotations
 
+import math
+
 from featuresteer.v1 import featuresteer_pb2 as pb
 from featuresteer_server import domain
 from featuresteer_server.config import Limits
@@ -219,3 +221,157 @@ def decode_result_to_pb(res: domain.DecodeResult) -> pb.DecodeFeaturesResponse:
             )
         )
     return pb.DecodeFeaturesResponse(items=items, provenance=provenance_to_pb(res.provenance))
+
+
+# -- Generate
+
+_OPS = {
+    pb.Intervention.OP_ADD: domain.Op.ADD,
+    pb.Intervention.OP_SCALE: domain.Op.SCALE,
+    pb.Intervention.OP_CLAMP: domain.Op.CLAMP,
+    pb.Intervention.OP_ABLATE: domain.Op.ABLATE,
+}
+_APPLY_TO = {
+    pb.Intervention.APPLY_TO_UNSPECIFIED: domain.ApplyTo.ALL,
+    pb.Intervention.APPLY_TO_ALL: domain.ApplyTo.ALL,
+    pb.Intervention.APPLY_TO_PROMPT: domain.ApplyTo.PROMPT,
+    pb.Intervention.APPLY_TO_GENERATED: domain.ApplyTo.GENERATED,
+}
+_FINISH = {
+    domain.FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    domain.FinishReason.STOP: pb.FINISH_REASON_STOP,
+    domain.FinishReason.EOS: pb.FINISH_REASON_EOS,
+    domain.FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def intervention_from_pb(iv: pb.Intervention, field: str) -> domain.Intervention:
+    has_feature, has_vector = iv.HasField("feature"), iv.HasField("vector")
+    if has_feature == has_vector:
+        raise InvalidArgument(field, "set exactly one of feature or vector")
+    op = _OPS.get(iv.op)
+    if op is None:
+        raise InvalidArgument(f"{field}.op", "required: OP_ADD, OP_SCALE, OP_CLAMP or OP_ABLATE")
+    apply_to = _APPLY_TO.get(iv.apply_to)
+    if apply_to is None:
+        raise InvalidArgument(f"{field}.apply_to", f"unknown value {iv.apply_to}")
+    when = None
+    if iv.HasField("when"):
+        if not iv.when.HasField("feature"):
+            raise InvalidArgument(f"{field}.when.feature", "required")
+        when = domain.Condition(
+            feature=feature_ref_from_pb(iv.when.feature, f"{field}.when.feature"),
+            above=float(iv.when.above),
+        )
+    vector = None
+    if has_vector:
+        if not iv.vector.hook_name:
+            raise InvalidArgument(f"{field}.vector.hook_name", "required")
+        vector = domain.VectorTarget(
+            hook_name=iv.vector.hook_name, values=tuple(float(v) for v in iv.vector.values)
+        )
+    return domain.Intervention(
+        op=op,
+        value=float(iv.value),
+        feature=feature_ref_from_pb(iv.feature, f"{field}.feature") if has_feature else None,
+        vector=vector,
+        normalize=bool(iv.normalize),
+        apply_to=apply_to,
+        positions=tuple(int(p) for p in iv.positions),
+        when=when,
+    )
+
+
+def generate_request_from_pb(req: pb.GenerateRequest, limits: Limits) -> domain.GenerateRequest:
+    if bool(req.prompt) == bool(req.messages):
+        raise InvalidArgument("prompt", "set exactly one of prompt or messages")
+    for name in ("preset", "experiment", "unit_id"):
+        if getattr(req, name):
+            raise InvalidArgument(name, "presets and experiments are not served yet")
+    if len(req.prompt.encode("utf-8")) > limits.max_tokens_per_input * 64:
+        raise InvalidArgument("prompt", "longer than the server's limit")
+    for i, m in enumerate(req.messages):
+        if not m.role:
+            raise InvalidArgument(f"messages[{i}].role", "required")
+    max_new = int(req.max_new_tokens) or min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens)
+    if max_new > limits.max_new_tokens:
+        raise InvalidArgument(
+            "max_new_tokens", f"{max_new} > the server's limit {limits.max_new_tokens}"
+        )
+    checks = (
+        ("temperature", req.temperature, 0.0),
+        ("top_p", req.top_p, 0.0),
+        ("repetition_penalty", req.repetition_penalty, 0.0),
+    )
+    for name, value, low in checks:
+        if not math.isfinite(value) or value < low:
+            raise InvalidArgument(name, f"must be finite and >= {low}, got {value}")
+    if req.top_p > 1.0:
+        raise InvalidArgument("top_p", f"must be in [0, 1], got {req.top_p}")
+    if len(req.interventions) > limits.max_interventions:
+        raise InvalidArgument(
+            "interventions",
+            f"{len(req.interventions)} > max_interventions {limits.max_interventions}",
+        )
+    if len(req.stop) > 16 or any(not s for s in req.stop):
+        raise InvalidArgument("stop", "at most 16 non-empty stop strings")
+    trace = None
+    if req.HasField("trace"):
+        if req.trace.top_k > limits.max_top_k:
+            raise InvalidArgument(
+                "trace.top_k", f"{req.trace.top_k} > max_top_k {limits.max_top_k}"
+            )
+        if len(req.trace.features) > limits.max_features_per_call:
+            raise InvalidArgument(
+                "trace.features",
+                f"{len(req.trace.features)} > max_features_per_call {limits.max_features_per_call}",
+            )
+        trace = domain.TraceSpec(
+            dictionary_id=req.trace.dictionary_id,
+            top_k=int(req.trace.top_k),
+            features=tuple(
+                feature_ref_from_pb(f, f"trace.features[{i}]")
+                for i, f in enumerate(req.trace.features)
+            ),
+        )
+    return domain.GenerateRequest(
+        prompt=req.prompt or None,
+        messages=tuple((m.role, m.content) for m in req.messages),
+        prepend_bos=_bos(req),
+        max_new_tokens=max_new,
+        temperature=float(req.temperature),
+        top_p=float(req.top_p) if 0.0 < req.top_p < 1.0 else 1.0,
+        top_k=int(req.top_k),
+        repetition_penalty=float(req.repetition_penalty) if req.repetition_penalty else 1.0,
+        seed=int(req.seed) if req.HasField("seed") else None,
+        stop=tuple(req.stop),
+        logprobs=bool(req.logprobs),
+        interventions=tuple(
+            intervention_from_pb(iv, f"interventions[{i}]")
+            for i, iv in enumerate(req.interventions)
+        ),
+        trace=trace,
+        compare_baseline=bool(req.compare_baseline),
+    )
+
+
+def generate_chunk_to_pb(c: domain.GenerateChunk) -> pb.GenerateResponse:
+    out = pb.GenerateResponse(
+        text=c.text, position=c.position, trace=_acts(c.trace), baseline=c.baseline
+    )
+    if c.token is not None:
+        out.token.CopyFrom(token_to_pb(c.token))
+    if c.logprob is not None:
+        out.logprob = c.logprob
+    if c.finish_reason is not None:
+        out.finish_reason = _FINISH[c.finish_reason]
+    if c.usage is not None:
+        out.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=c.usage.prompt_tokens, completion_tokens=c.usage.completion_tokens
+            )
+        )
+    if c.provenance is not None:
+        out.provenance.CopyFrom(provenance_to_pb(c.provenance))
+    return out

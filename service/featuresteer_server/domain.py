@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from featuresteer_server.tokenization import Token
 
@@ -125,3 +126,112 @@ class DecodeItem:
 class DecodeResult:
     items: tuple[DecodeItem, ...]
     provenance: Provenance
+
+
+# -- Generate and interventions
+
+
+class Op(StrEnum):
+    """What an intervention does to its target (DESIGN.md "Interventions")."""
+
+    ADD = "add"
+    SCALE = "scale"
+    CLAMP = "clamp"
+    ABLATE = "ablate"
+
+
+class ApplyTo(StrEnum):
+    """Which input positions an intervention covers: PROMPT < len(prompt) <= GENERATED."""
+
+    ALL = "all"
+    PROMPT = "prompt"
+    GENERATED = "generated"
+
+
+class FinishReason(StrEnum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class VectorTarget:
+    """A raw direction at a hook (width checked against the hook by the engine)."""
+
+    hook_name: str
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Apply only where ``feature``'s pre-edit activation is strictly above ``above``."""
+
+    feature: FeatureRef
+    above: float
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One edit. Exactly one of ``feature`` / ``vector`` (checked in convert)."""
+
+    op: Op
+    value: float = 0.0
+    feature: FeatureRef | None = None
+    vector: VectorTarget | None = None
+    normalize: bool = False
+    apply_to: ApplyTo = ApplyTo.ALL
+    positions: tuple[int, ...] = ()
+    when: Condition | None = None
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """Per-generated-token trace: top-k of one dictionary and/or chosen features."""
+
+    dictionary_id: str = ""
+    top_k: int = 0
+    features: tuple[FeatureRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Exactly one of ``prompt`` / ``messages`` (checked in convert). Sampling: temperature 0
+    is greedy; top_p 1.0, top_k 0 and repetition_penalty 1.0 are off."""
+
+    prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] = ()
+    prepend_bos: bool = True
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    interventions: tuple[Intervention, ...] = ()
+    trace: TraceSpec | None = None
+    compare_baseline: bool = False
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """One streamed chunk: a token (``token`` set), or the final chunk of a run
+    (``finish_reason`` and ``usage`` set; ``provenance`` on the last chunk of the stream)."""
+
+    token: Token | None = None
+    text: str = ""
+    position: int = 0
+    logprob: float | None = None
+    trace: tuple[tuple[int, float], ...] = ()
+    baseline: bool = False
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    provenance: Provenance | None = None

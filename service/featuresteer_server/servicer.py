@@ -72,9 +72,9 @@ class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateResponse]:
-        self.state.require_engine()
-        raise Unimplemented("Generate is not served by this server version yet (issue: steering)")
-        yield  # pragma: no cover - makes this an async generator
+        req = convert.generate_request_from_pb(request, self.state.limits)
+        async for chunk in self.state.require_engine().generate(req):
+            yield convert.generate_chunk_to_pb(chunk)
 
     async def Attribute(
         self, request: pb.AttributeRequest, context: Any

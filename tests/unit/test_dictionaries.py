@@ -15,18 +15,6 @@ import torch
 
 torch.set_num_threads(1)
 
-from featuresteer_server.dictionaries import (  # noqa: E402
-    ARCHITECTURES,
-    DictionaryLoadError,
-    DictionaryNotFound,
-    DictionaryRegistry,
-    FeatureEditRefused,
-    FingerprintMismatch,
-    load_catalog,
-    load_catalog_dictionaries,
-    load_dictionary,
-    write_dictionary,
-)
 from sae_lens import SAE  # noqa: E402
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig  # noqa: E402
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig  # noqa: E402
@@ -43,6 +31,19 @@ from sae_lens.saes.transcoder import (  # noqa: E402
 )
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+
+from featuresteer_server.dictionaries import (  # noqa: E402
+    ARCHITECTURES,
+    DictionaryLoadError,
+    DictionaryNotFound,
+    DictionaryRegistry,
+    FeatureEditRefused,
+    FingerprintMismatch,
+    load_catalog,
+    load_catalog_dictionaries,
+    load_dictionary,
+    write_dictionary,
+)
 
 pytestmark = pytest.mark.unit
 

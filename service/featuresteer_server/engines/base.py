@@ -29,7 +29,9 @@ class Engine(ABC):
     async def decode(self, req: domain.DecodeRequest) -> domain.DecodeResult:
         """Feature activations per token for each input and dictionary."""
 
-    def generate(self, req: Any) -> AsyncIterator[Any]:
+    def generate(self, req: domain.GenerateRequest) -> AsyncIterator[domain.GenerateChunk]:
+        """Stream token chunks, then a final chunk per run (finish_reason, usage; provenance on
+        the last). Closing the iterator (client cancel, deadline) aborts the generation."""
         raise Unimplemented("Generate is not implemented by this server version yet")
 
     async def attribute(self, req: Any) -> AsyncIterator[Any]:

@@ -1,6 +1,6 @@
 """The hooked engine: the model wrapped by TransformerLens so every hook point is
-addressable and autograd works. Serves DecodeFeatures (and, in later issues, attribution and
-generation when vLLM is absent).
+addressable and autograd works. Serves DecodeFeatures, and Generate when vLLM is absent (on the
+source transformers model kept beside the hooked one, with forward hooks: ``generation.py``).
 
 Compute runs on one dedicated worker thread: TransformerLens adds hooks to the shared
 module for the duration of a call, so two calls must never overlap. The asyncio loop stays
@@ -12,19 +12,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
+import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
 
-from featuresteer_server import __version__, domain
+from featuresteer_server import __version__, domain, generation, interventions
 from featuresteer_server.engines.base import Engine
-from featuresteer_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from featuresteer_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from featuresteer_server.tokenization import Token, Tokenizer
 
 log = logging.getLogger(__name__)
+_DONE = object()  # end of a generation stream
 T = TypeVar("T")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -76,8 +84,12 @@ class HookedEngine(Engine):
         generation_engine: str = "hooked",
         engines: Sequence[str] = ("hooked",),
         max_tokens_per_input: int | None = None,
+        hf_model: Any = None,
     ) -> None:
         self.model = model
+        # the source transformers model: generation runs on it (TransformerLens's generate
+        # with its KV cache produced garbage on this model); None: Generate is unavailable
+        self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.weights_hash = weights_hash
@@ -283,6 +295,145 @@ class HookedEngine(Engine):
                 )
             )
         return domain.DictionaryResult(dictionary_id=d.id, positions=tuple(positions))
+
+    # -- generate
+    def steering_hooks(self) -> tuple[str, ...]:
+        """Hooks generation can read and edit (forward order)."""
+        have = set(self.hook_names)
+        hooks = interventions.steerable_hooks(int(self.model.cfg.n_layers))
+        return tuple(h for h in hooks if h in have)
+
+    def _prompt_ids(self, req: domain.GenerateRequest) -> list[int]:
+        if req.messages:
+            ids = self.tokenizer.apply_chat_template(req.messages)
+            field = "messages"
+        else:
+            ids = self.tokenizer.encode(req.prompt or "", req.prepend_bos)
+            field = "prompt"
+        if not ids:
+            raise InvalidArgument(field, "no tokens (empty prompt and prepend_bos false)")
+        if len(ids) > self.max_tokens:
+            raise InvalidArgument(
+                field, f"{len(ids)} tokens > max_tokens_per_input {self.max_tokens}"
+            )
+        n_ctx = int(self.model.cfg.n_ctx)
+        if len(ids) + req.max_new_tokens > n_ctx:
+            raise InvalidArgument(
+                "max_new_tokens",
+                f"{len(ids)} prompt tokens + {req.max_new_tokens} > the model's context {n_ctx}",
+            )
+        return ids
+
+    def _trace_plan(self, spec: domain.TraceSpec | None) -> generation.TracePlan | None:
+        if spec is None or (not spec.dictionary_id and not spec.features):
+            return None
+        dict_id = spec.dictionary_id or spec.features[0].dictionary_id
+        d = self.dictionary(dict_id, "trace.dictionary_id")
+        for i, ref in enumerate(spec.features):
+            if ref.dictionary_id != d.id:
+                raise InvalidArgument(
+                    f"trace.features[{i}].dictionary_id",
+                    f"traced features must all be in the traced dictionary {d.id!r}",
+                )
+            self.feature(ref, f"trace.features[{i}]")
+        if spec.top_k == 0 and not spec.features:
+            raise InvalidArgument("trace.top_k", "set top_k or features to trace")
+        return generation.TracePlan(
+            dictionary=d, top_k=spec.top_k, features=tuple(f.index for f in spec.features)
+        )
+
+    def prepare_generate(
+        self, req: domain.GenerateRequest
+    ) -> tuple[list[generation.RunPlan], domain.Provenance]:
+        """Validate and plan a request (cheap; runs on the event loop)."""
+        if self.hf_model is None:
+            raise Unavailable("this engine was built without its transformers model")
+        spec = interventions.compile_steering(
+            req.interventions,
+            self.dictionaries,
+            hook_names=self.steering_hooks(),
+            d_model=int(self.model.cfg.d_model),
+        )
+        trace = self._trace_plan(req.trace)
+        prompt = self._prompt_ids(req)
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        common = dict(
+            prompt_ids=prompt,
+            max_new_tokens=req.max_new_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            repetition_penalty=req.repetition_penalty,
+            seed=seed,
+            stop=req.stop,
+            logprobs=req.logprobs,
+            trace=trace,
+        )
+        plans = [generation.RunPlan(spec=spec, **common)]  # type: ignore[arg-type]
+        if req.compare_baseline:
+            empty = interventions.SteeringSpec()
+            plans.append(generation.RunPlan(spec=empty, baseline=True, **common))  # type: ignore[arg-type]
+        used = {d_id: self.dictionaries[d_id] for d_id in spec.dictionaries}
+        if trace is not None:
+            used[trace.dictionary.id] = trace.dictionary
+        prov = self.provenance(used.values(), seed=seed, steering_spec_fingerprint=spec.fingerprint)
+        return plans, prov
+
+    def _generate_sync(
+        self,
+        plans: list[generation.RunPlan],
+        prov: domain.Provenance,
+        emit: Callable[[Any], None],
+        cancel: threading.Event,
+    ) -> None:
+        try:
+            gen = generation.Generator(self.hf_model, self.tokenizer)
+            for k, plan in enumerate(plans):
+                if cancel.is_set():
+                    return
+                result = gen.run(plan, emit, cancel)
+                if result.finish_reason is domain.FinishReason.CANCELLED:
+                    return
+                emit(
+                    domain.GenerateChunk(
+                        baseline=plan.baseline,
+                        finish_reason=result.finish_reason,
+                        usage=domain.Usage(len(plan.prompt_ids), result.completion_tokens),
+                        provenance=prov if k == len(plans) - 1 else None,
+                    )
+                )
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            emit(exc)
+        finally:
+            emit(_DONE)
+
+    async def generate(self, req: domain.GenerateRequest) -> AsyncIterator[domain.GenerateChunk]:
+        """Stream the steered run's chunks (then the baseline's, with ``compare_baseline``).
+        One request at a time on the worker thread; a cancelled or expired call sets a flag
+        the generation loop checks every step, which frees the worker."""
+        plans, prov = self.prepare_generate(req)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                cancel.set()
+
+        fut = loop.run_in_executor(self._executor, self._generate_sync, plans, prov, emit, cancel)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
 
     async def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
