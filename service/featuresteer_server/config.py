@@ -75,6 +75,11 @@ class Config(BaseSettings):
     catalog: Path | None = Field(DEFAULT_CATALOG, description="catalog file; None: no catalog")
     dictionaries: tuple[Path, ...] = Field((), description="extra SAELens-format directories")
     load_catalog_defaults: bool = True
+    quickfit_fallback: bool = Field(
+        True,
+        description="default model only: when no catalog/extra dictionary loads, fit (once, at "
+        "set-up) and serve a small labelled stand-in SAE so decode works out of the box",
+    )
 
     # -- cache (Redis may evict or go down; the in-process LRU takes over)
     redis_url: str | None = None

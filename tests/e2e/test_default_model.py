@@ -94,3 +94,39 @@ async def test_default_server_over_grpcurl(tmp_path: Path) -> None:
         assert again["status"] == "SERVING"
     finally:
         await srv.stop(grace=1)
+
+
+def test_quickfit_stand_in_is_labelled_and_its_figures_hold() -> None:
+    """The stand-in SAE `make setup` fits when the catalog has no default dictionary: its id
+    and description say so, and its recorded held-out FVU is recomputed from the files."""
+    from featuresteer_server import quickfit
+
+    path = quickfit.ensure_quickfit()
+    hf, tok = models.load_hf(models.prepare_default_model(), torch.float32)
+    hooked = models.build_hooked(hf, tok, torch.float32)
+    d = quickfit.load_quickfit(set(hooked.hook_dict), 576)
+    assert "quickfit" in d.id and d.description.startswith("QUICK FIT")
+    held = [doc for doc in quickfit.documents() if quickfit.is_heldout(doc)]
+    x = quickfit.activations(hooked, quickfit.windows(tok, held, 4_000))
+    err = d.reconstruct(x) - x
+    fvu = float(err.pow(2).sum() / (x - d.dataset_mean).pow(2).sum())
+    assert path.is_dir() and fvu < 0.6
+    assert abs(fvu - d.metrics["fvu"]) < 0.05 + 0.1 * d.metrics["fvu"]
+    l0 = float((d.encode(x) > 0).float().sum(-1).mean())
+    assert l0 <= quickfit.K and abs(l0 - d.metrics["l0"]) < 0.5
+
+
+def test_default_dictionaries_are_the_catalog_or_the_labelled_stand_in() -> None:
+    from featuresteer_server.cli import _needs_quickfit
+    from featuresteer_server.engines.loading import load_dictionaries
+
+    cfg = load_config()
+    hf, tok = models.load_hf(models.prepare_default_model(), torch.float32)
+    hooked = models.build_hooked(hf, tok, torch.float32)
+    dicts = load_dictionaries(cfg, set(hooked.hook_dict), 576)
+    assert dicts, "make serve must start with at least one dictionary"
+    quick = [d for d in dicts if "quickfit" in d.id]
+    if _needs_quickfit(cfg):  # the catalog lists no default dictionary yet
+        assert [d.id for d in dicts] == [d.id for d in quick] and len(quick) == 1
+    else:
+        assert not quick

@@ -9,6 +9,7 @@ from typing import Any
 
 from featuresteer_server.config import Config
 from featuresteer_server.engines.hooked import HookedEngine
+from featuresteer_server.models import DEFAULT_MODEL
 from featuresteer_server.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ def load_dictionaries(config: Config, hook_names: set[str], d_model: int) -> lis
             log.warning("no dictionary catalog at %s", catalog)
     for path in config.dictionaries:
         out.append(load_dictionary(Path(path), expected_hooks=hook_names, d_model=d_model))
+    if not out and config.quickfit_fallback and config.model == DEFAULT_MODEL:
+        from featuresteer_server import quickfit
+
+        log.warning("no default dictionary in the catalog: serving the QUICK-FIT stand-in SAE")
+        quickfit.ensure_quickfit(lambda msg: log.info("%s", msg))
+        out.append(quickfit.load_quickfit(hook_names, d_model))
     return out
 
 
@@ -53,7 +60,8 @@ def load_engine(config: Config) -> HookedEngine:
     dtype = getattr(torch, config.dtype)
     hf_model, hf_tok = models.load_hf(model_dir, dtype)
     hooked = models.build_hooked(hf_model, hf_tok, dtype)
-    del hf_model
+    # the transformers model is kept: the hooked engine generates with it (a second copy of
+    # the weights; DESIGN.md "Engines" explains why TransformerLens's generate is not used)
     name = models.DEFAULT_MODEL if config.model == models.DEFAULT_MODEL else model_dir.name
     dicts = load_dictionaries(config, set(hooked.hook_dict), int(hooked.cfg.d_model))
     log.info("loaded %d dictionaries", len(dicts))
@@ -65,4 +73,5 @@ def load_engine(config: Config) -> HookedEngine:
         weights_hash=models.weights_hash(model_dir),
         source=str(model_dir),
         max_tokens_per_input=config.max_tokens_per_input,
+        hf_model=hf_model.eval(),
     )
