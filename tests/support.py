@@ -105,9 +105,10 @@ def write_random_dictionary(
     )
 
 
-def tiny_engine(root: Path, **engine_kwargs: Any) -> HookedEngine:
+def tiny_engine(root: Path, *, all_transcoders: bool = False, **engine_kwargs: Any) -> HookedEngine:
     """Tiny random model + a TopK SAE at blocks.1.hook_resid_post + a ReLU transcoder at
-    layer 0, loaded from disk like production dictionaries."""
+    layer 0 (and at layer 1 with ``all_transcoders``, so attribution graphs can be built),
+    loaded from disk like production dictionaries."""
     hf = tiny_hf_model()
     tok = default_hf_tokenizer()
     hooked = models.build_hooked(hf, tok, torch.float32)
@@ -140,6 +141,25 @@ def tiny_engine(root: Path, **engine_kwargs: Any) -> HookedEngine:
             d_model=d,
         ),
     ]
+    if all_transcoders:
+        tc1 = write_random_dictionary(
+            root,
+            "tc1",
+            "transcoder",
+            "blocks.1.ln2.hook_normalized",
+            d,
+            96,
+            hook_name_out="blocks.1.hook_mlp_out",
+            seed=3,
+        )
+        dicts.append(
+            load_dictionary(
+                tc1,
+                dictionary_id="tiny/tc-96/blocks.1.ln2.hook_normalized@v1",
+                expected_hooks=hooks,
+                d_model=d,
+            )
+        )
     engine = HookedEngine(
         hooked,
         Tokenizer(tok),

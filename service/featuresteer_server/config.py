@@ -97,7 +97,11 @@ class Config(BaseSettings):
     max_interventions: int = Field(32, ge=1)
     max_attribution_tokens: int = Field(64, ge=1)
     max_feature_nodes: int = Field(500, ge=1)
-    max_concurrent_attributions: int = Field(1, ge=1)
+    max_concurrent_attributions: int = Field(1, ge=1, description="attributions run at once")
+    max_queued_attributions: int = Field(4, ge=0, description="beyond: RESOURCE_EXHAUSTED")
+    attribution_batch_size: int = Field(64, ge=1, le=1024)
+    attribution_memory_budget_bytes: int = Field(2 * 1024**3, ge=1)
+    attribution_result_ttl_seconds: float = Field(900.0, gt=0, description="GetAttribution keeps")
 
     @classmethod
     def settings_customise_sources(

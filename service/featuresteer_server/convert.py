@@ -375,3 +375,146 @@ def generate_chunk_to_pb(c: domain.GenerateChunk) -> pb.GenerateResponse:
     if c.provenance is not None:
         out.provenance.CopyFrom(provenance_to_pb(c.provenance))
     return out
+
+
+# -- Attribute
+
+_MODES = {
+    pb.ATTRIBUTION_MODE_UNSPECIFIED: "graph",
+    pb.ATTRIBUTION_MODE_GRAPH: "graph",
+    pb.ATTRIBUTION_MODE_LOGIT_RANKING: "logit_ranking",
+}
+_NODE_KINDS = {
+    "embedding": pb.Node.KIND_EMBEDDING,
+    "feature": pb.Node.KIND_FEATURE,
+    "error": pb.Node.KIND_ERROR,
+    "logit": pb.Node.KIND_LOGIT,
+}
+
+
+def _unit_interval(value: float, field: str, *, open_low: bool = True) -> float:
+    if not math.isfinite(value) or value > 1 or value < 0 or (open_low and value == 0):
+        raise InvalidArgument(field, f"{value} outside (0, 1]")
+    return float(value)
+
+
+def attribute_request_from_pb(
+    req: pb.AttributeRequest, limits: Limits, batch_size: int
+) -> domain.AttributeRequest:
+    if not req.prompt:
+        raise InvalidArgument("prompt", "required")
+    mode = _MODES.get(req.mode)
+    if mode is None:
+        raise InvalidArgument("mode", f"unknown mode {req.mode}")
+    if mode == "logit_ranking" and not req.dictionary_id:
+        raise InvalidArgument("dictionary_id", "LOGIT_RANKING needs the dictionary to rank")
+    if mode == "logit_ranking" and len(req.target_token_ids) != 1:
+        raise InvalidArgument("target_token_ids", "LOGIT_RANKING needs exactly one target token")
+    nodes = req.max_feature_nodes or limits.max_feature_nodes
+    if nodes > limits.max_feature_nodes:
+        raise InvalidArgument(
+            "max_feature_nodes", f"{nodes} > the server's limit {limits.max_feature_nodes}"
+        )
+    if req.max_logit_targets > 64:
+        raise InvalidArgument("max_logit_targets", f"{req.max_logit_targets} > 64")
+    if len(req.target_token_ids) > 64:
+        raise InvalidArgument("target_token_ids", "at most 64 targets")
+    if req.batch_size > 1024:
+        raise InvalidArgument("batch_size", f"{req.batch_size} > 1024")
+    return domain.AttributeRequest(
+        prompt=req.prompt,
+        prepend_bos=_bos(req),
+        mode=mode,
+        target_token_ids=tuple(int(t) for t in req.target_token_ids),
+        max_logit_targets=int(req.max_logit_targets or 10),
+        desired_logit_prob=_unit_interval(
+            req.desired_logit_prob if req.HasField("desired_logit_prob") else 0.95,
+            "desired_logit_prob",
+        ),
+        max_feature_nodes=int(nodes),
+        node_threshold=_unit_interval(
+            req.node_threshold if req.HasField("node_threshold") else 0.8, "node_threshold"
+        ),
+        edge_threshold=_unit_interval(
+            req.edge_threshold if req.HasField("edge_threshold") else 0.98, "edge_threshold"
+        ),
+        dictionary_id=req.dictionary_id,
+        batch_size=int(req.batch_size or batch_size),
+        detach=bool(req.detach),
+    )
+
+
+def graph_to_pb(res: domain.AttributionResult) -> pb.Graph:
+    return pb.Graph(
+        nodes=[
+            pb.Node(
+                id=i,
+                kind=_NODE_KINDS[n.kind],
+                layer=n.layer,
+                position=n.position,
+                feature=feature_ref_to_pb(n.feature) if n.feature is not None else None,
+                activation=n.activation,
+                influence=n.influence,
+                label=n.label,
+                token_id=n.token_id,
+                probability=n.probability,
+                constant=n.constant,
+            )
+            for i, n in enumerate(res.nodes)
+        ],
+        edges=[pb.Edge(source=s, target=t, weight=w) for s, t, w in res.edges],
+        scores=pb.Scores(replacement=res.replacement_score, completeness=res.completeness_score),
+        tokens=[token_to_pb(t) for t in res.tokens],
+    )
+
+
+def ranking_to_pb(res: domain.AttributionResult) -> list[pb.RankingEntry]:
+    return [
+        pb.RankingEntry(feature=feature_ref_to_pb(ref), position=pos, attribution=value)
+        for ref, pos, value in res.ranking
+    ]
+
+
+def attribution_result_to_pb(job_id: str, res: domain.AttributionResult) -> pb.AttributeResponse:
+    out = pb.AttributeResponse(
+        job_id=job_id,
+        provenance=provenance_to_pb(res.provenance),
+        progress=pb.Progress(stage="done", fraction=1.0),
+    )
+    if res.ranking:
+        out.ranking.extend(ranking_to_pb(res))
+    else:
+        out.graph.CopyFrom(graph_to_pb(res))
+    return out
+
+
+_JOB_STATES = {
+    "queued": pb.JOB_STATE_QUEUED,
+    "running": pb.JOB_STATE_RUNNING,
+    "done": pb.JOB_STATE_DONE,
+    "failed": pb.JOB_STATE_FAILED,
+    "cancelled": pb.JOB_STATE_CANCELLED,
+}
+
+
+def job_to_pb(
+    job_id: str,
+    state: str,
+    stage: str,
+    fraction: float,
+    result: domain.AttributionResult | None,
+    error: str,
+) -> pb.GetAttributionResponse:
+    out = pb.GetAttributionResponse(
+        job_id=job_id,
+        state=_JOB_STATES[state],
+        progress=pb.Progress(stage=stage, fraction=fraction),
+        error=error,
+    )
+    if result is not None:
+        out.provenance.CopyFrom(provenance_to_pb(result.provenance))
+        if result.ranking:
+            out.ranking.extend(ranking_to_pb(result))
+        else:
+            out.graph.CopyFrom(graph_to_pb(result))
+    return out

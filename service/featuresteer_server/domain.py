@@ -235,3 +235,49 @@ class GenerateChunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     provenance: Provenance | None = None
+
+
+# -- Attribute
+
+
+@dataclass(frozen=True)
+class AttributeRequest:
+    prompt: str
+    prepend_bos: bool = True
+    mode: str = "graph"  # "graph" | "logit_ranking"
+    target_token_ids: tuple[int, ...] = ()
+    max_logit_targets: int = 10
+    desired_logit_prob: float = 0.95
+    max_feature_nodes: int = 500
+    node_threshold: float = 0.8
+    edge_threshold: float = 0.98
+    dictionary_id: str = ""
+    batch_size: int = 64
+    detach: bool = False
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    kind: str  # "embedding" | "feature" | "error" | "logit"
+    layer: int
+    position: int
+    feature: FeatureRef | None
+    activation: float
+    influence: float
+    label: str
+    token_id: int
+    probability: float
+    constant: float
+
+
+@dataclass(frozen=True)
+class AttributionResult:
+    """A finished graph (mode graph) or ranking (mode logit_ranking)."""
+
+    tokens: tuple[Token, ...]
+    provenance: Provenance
+    nodes: tuple[GraphNode, ...] = ()
+    edges: tuple[tuple[int, int, float], ...] = ()
+    replacement_score: float = 0.0
+    completeness_score: float = 0.0
+    ranking: tuple[tuple[FeatureRef, int, float], ...] = ()

@@ -79,6 +79,15 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, dict_errors.FeatureEditRefused):
         return grpc.StatusCode.INVALID_ARGUMENT
+    if type(exc).__module__.startswith("featuresteer_server.attribution"):
+        from featuresteer_server.attribution import types as attr
+
+        if isinstance(exc, attr.AttributionCancelled):
+            return grpc.StatusCode.CANCELLED
+        if isinstance(exc, attr.AttributionBudgetExceeded):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+        if isinstance(exc, attr.AttributionError):
+            return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.INTERNAL

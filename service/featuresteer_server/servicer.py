@@ -10,8 +10,8 @@ import grpc
 
 from featuresteer.v1 import featuresteer_pb2 as pb
 from featuresteer.v1 import featuresteer_pb2_grpc as pb_grpc
-from featuresteer_server import __version__, convert
-from featuresteer_server.errors import Unavailable, Unimplemented
+from featuresteer_server import __version__, convert, jobs
+from featuresteer_server.errors import Cancelled, InvalidArgument, Unavailable, Unimplemented
 
 if TYPE_CHECKING:
     from featuresteer_server.config import Config
@@ -29,6 +29,11 @@ class AppState:
         self.engine: Engine | None = None
         self.load_error: BaseException | None = None
         self.draining = False
+        self.jobs = jobs.JobStore(
+            config.max_concurrent_attributions,
+            config.max_queued_attributions,
+            config.attribution_result_ttl_seconds,
+        )
 
     def require_engine(self) -> Engine:
         if self.draining:
@@ -79,16 +84,46 @@ class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
     async def Attribute(
         self, request: pb.AttributeRequest, context: Any
     ) -> AsyncIterator[pb.AttributeResponse]:
-        self.state.require_engine()
-        raise Unimplemented(
-            "Attribute is not served by this server version yet (issue: attribution)"
+        cfg = self.state.config
+        req = convert.attribute_request_from_pb(
+            request, self.state.limits, cfg.attribution_batch_size
         )
-        yield  # pragma: no cover
+        engine = self.state.require_engine()
+        job = self.state.jobs.submit(
+            lambda progress, cancel: engine.attribute(req, progress, cancel)
+        )
+        finished = False
+        try:
+            yield pb.AttributeResponse(job_id=job.id)
+            last: tuple[str, float] | None = None
+            while not job.done:
+                job.changed.clear()
+                if (job.stage, job.fraction) != last:
+                    last = (job.stage, job.fraction)
+                    yield pb.AttributeResponse(
+                        job_id=job.id, progress=pb.Progress(stage=job.stage, fraction=job.fraction)
+                    )
+                if not job.done:
+                    await job.changed.wait()
+            finished = True
+            if job.error is not None:
+                raise job.error
+            if job.state == jobs.CANCELLED:
+                raise Cancelled(f"attribution job {job.id} was cancelled")
+            yield convert.attribution_result_to_pb(job.id, job.result)
+        finally:
+            if not finished and not req.detach:  # the client went away: free the work
+                job.cancel.set()
 
     async def GetAttribution(
         self, request: pb.GetAttributionRequest, context: Any
     ) -> pb.GetAttributionResponse:
-        raise Unimplemented("GetAttribution is not served by this server version yet")
+        if not request.job_id:
+            raise InvalidArgument("job_id", "required")
+        job = self.state.jobs.get(request.job_id)
+        error = f"{type(job.error).__name__}: {job.error}" if job.error is not None else ""
+        result = job.result if job.state == jobs.DONE else None
+        return convert.job_to_pb(job.id, job.state, job.stage, job.fraction, result, error)
 
     async def GetFeature(
         self, request: pb.GetFeatureRequest, context: Any

@@ -184,3 +184,11 @@ def pb_grpc_stub(ch):  # type: ignore[no-untyped-def]
     from featuresteer.v1 import featuresteer_pb2_grpc
 
     return featuresteer_pb2_grpc.FeatureSteerStub(ch)
+
+
+async def test_graph_needs_a_transcoder_per_layer(stub) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub.Attribute(pb.AttributeRequest(prompt="The capital of France is")):
+            pass
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "layers [1]" in err.value.details()

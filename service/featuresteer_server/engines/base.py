@@ -3,9 +3,9 @@ run the whole gRPC surface on a tiny random model."""
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from featuresteer_server import domain
 from featuresteer_server.errors import Unimplemented
@@ -34,8 +34,15 @@ class Engine(ABC):
         the last). Closing the iterator (client cancel, deadline) aborts the generation."""
         raise Unimplemented("Generate is not implemented by this server version yet")
 
-    async def attribute(self, req: Any) -> AsyncIterator[Any]:
-        raise Unimplemented("Attribute is not implemented by this server version yet")
+    async def attribute(
+        self,
+        req: domain.AttributeRequest,
+        progress: Callable[[str, float], None],
+        cancel: threading.Event,
+    ) -> domain.AttributionResult:
+        """Attribution graph or logit ranking. ``progress`` and ``cancel`` are thread-safe;
+        a set ``cancel`` stops the work between backward batches."""
+        raise Unimplemented("Attribute is not implemented by this engine")
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release threads and memory."""

@@ -22,7 +22,9 @@ from typing import Any, TypeVar
 import torch
 
 from featuresteer_server import __version__, domain, generation, interventions
+from featuresteer_server.engines import hooked_attribution
 from featuresteer_server.engines.base import Engine
+from featuresteer_server.engines.hooked_attribution import AttributionSettings
 from featuresteer_server.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -85,6 +87,7 @@ class HookedEngine(Engine):
         engines: Sequence[str] = ("hooked",),
         max_tokens_per_input: int | None = None,
         hf_model: Any = None,
+        attribution: AttributionSettings | None = None,
     ) -> None:
         self.model = model
         # the source transformers model: generation runs on it (TransformerLens's generate
@@ -103,6 +106,13 @@ class HookedEngine(Engine):
         self.generation_engine = generation_engine
         self.engines = tuple(engines)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hooked-engine")
+        # attribution runs beside decode/generate; TransformerLens adds hooks to the shared
+        # module during a forward, so forwards on self.model take this lock
+        self.model_lock = threading.Lock()
+        self.attribution = attribution or AttributionSettings()
+        self._attr_executor = ThreadPoolExecutor(
+            max_workers=self.attribution.max_concurrent, thread_name_prefix="attribution"
+        )
 
     # -- dictionaries
     def add_dictionary(self, d: Any) -> None:
@@ -223,7 +233,7 @@ class HookedEngine(Engine):
         block_layers = [layer for layer in layers if layer is not None]
         # stop after the deepest block we need, unless a hook lies outside the blocks
         stop = max(block_layers) + 1 if len(block_layers) == len(layers) else None
-        with torch.inference_mode():
+        with self.model_lock, torch.inference_mode():
             _, cache = self.model.run_with_cache(
                 tokens,
                 names_filter=lambda n: n in hooks,
@@ -435,5 +445,93 @@ class HookedEngine(Engine):
         finally:
             cancel.set()
 
+    # -- attribution
+    def transcoder_set(self) -> list[Any]:
+        """One transcoder per layer (the replacement model needs every MLP replaced)."""
+        by_layer: dict[int, Any] = {}
+        for d in self.dictionaries.values():
+            layer = hook_layer(d.hook_name)
+            if d.is_transcoder and layer is not None:
+                by_layer.setdefault(layer, d)
+        missing = [layer for layer in range(self.model.cfg.n_layers) if layer not in by_layer]
+        if missing:
+            raise FailedPrecondition(
+                f"mode: GRAPH needs a transcoder for every layer; none is loaded for layers "
+                f"{missing[:8]}{'…' if len(missing) > 8 else ''}"
+            )
+        return [by_layer[layer] for layer in range(self.model.cfg.n_layers)]
+
+    async def attribute(
+        self,
+        req: domain.AttributeRequest,
+        progress: Callable[[str, float], None],
+        cancel: threading.Event,
+    ) -> domain.AttributionResult:
+        tokens = tuple(self.tokenizer.tokenize(req.prompt, req.prepend_bos))
+        limit = self.attribution.max_tokens
+        if len(tokens) > limit:
+            raise InvalidArgument(
+                "prompt", f"{len(tokens)} tokens > max_attribution_tokens {limit}"
+            )
+        if len(tokens) < 2 and req.mode == "graph":
+            raise InvalidArgument("prompt", "needs at least one token after BOS")
+        self.tokenizer.check_ids(req.target_token_ids, "target_token_ids")
+        if req.mode == "logit_ranking":
+            d = self.dictionary(req.dictionary_id, "dictionary_id")
+            if not req.target_token_ids:
+                raise InvalidArgument("target_token_ids", "LOGIT_RANKING needs one target token")
+            loop = asyncio.get_running_loop()
+            ranking = await loop.run_in_executor(
+                self._attr_executor, self._rank_sync, d, tokens, req.target_token_ids[0]
+            )
+            return domain.AttributionResult(
+                tokens=tokens, provenance=self.provenance([d]), ranking=ranking
+            )
+        tcs = self.transcoder_set()
+        loop = asyncio.get_running_loop()
+        graph = await loop.run_in_executor(
+            self._attr_executor, self._attribute_sync, req, tokens, tcs, progress, cancel
+        )
+        return hooked_attribution.graph_result(graph, tokens, self.provenance(tcs))
+
+    def _rank_sync(
+        self, d: Any, tokens: tuple[Token, ...], target: int
+    ) -> tuple[tuple[domain.FeatureRef, int, float], ...]:
+        from featuresteer_server.attribution import logit_ranking
+
+        with self.model_lock:  # a forward and one backward on the shared module
+            rows = logit_ranking(self.model, d, [t.id for t in tokens], target, limit=100)
+        return tuple((domain.FeatureRef(d.id, i, d.fingerprint), p, a) for i, p, a in rows)
+
+    def _attribute_sync(
+        self,
+        req: domain.AttributeRequest,
+        tokens: tuple[Token, ...],
+        tcs: list[Any],
+        progress: Callable[[str, float], None],
+        cancel: threading.Event,
+    ) -> Any:
+        from featuresteer_server.attribution import attribute
+
+        return attribute(
+            self.model,
+            tcs,
+            [t.id for t in tokens],
+            target_token_ids=list(req.target_token_ids) or None,
+            max_logit_targets=req.max_logit_targets,
+            desired_logit_prob=req.desired_logit_prob,
+            max_feature_nodes=req.max_feature_nodes,
+            node_threshold=req.node_threshold,
+            edge_threshold=req.edge_threshold,
+            batch_size=req.batch_size or self.attribution.batch_size,
+            progress=progress,
+            cancel=cancel,
+            memory_budget_bytes=self.attribution.memory_budget_bytes,
+            keep_raw=False,
+            dictionary_ids=[d.id for d in tcs],
+            model_lock=self.model_lock,
+        )
+
     async def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._attr_executor.shutdown(wait=True, cancel_futures=True)

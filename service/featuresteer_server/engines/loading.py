@@ -9,6 +9,7 @@ from typing import Any
 
 from featuresteer_server.config import Config
 from featuresteer_server.engines.hooked import HookedEngine
+from featuresteer_server.engines.hooked_attribution import AttributionSettings
 from featuresteer_server.models import DEFAULT_MODEL
 from featuresteer_server.tokenization import Tokenizer
 
@@ -74,4 +75,10 @@ def load_engine(config: Config) -> HookedEngine:
         source=str(model_dir),
         max_tokens_per_input=config.max_tokens_per_input,
         hf_model=hf_model.eval(),
+        attribution=AttributionSettings(
+            max_tokens=config.max_attribution_tokens,
+            max_concurrent=config.max_concurrent_attributions,
+            batch_size=config.attribution_batch_size,
+            memory_budget_bytes=config.attribution_memory_budget_bytes,
+        ),
     )

@@ -444,7 +444,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., text: _Optional[str] = ..., position: _Optional[int] = ..., logprob: _Optional[float] = ..., trace: _Optional[_Iterable[_Union[FeatureActivation, _Mapping]]] = ..., baseline: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., arm: _Optional[str] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
-    __slots__ = ("prompt", "prepend_bos", "mode", "target_token_ids", "max_logit_targets", "desired_logit_prob", "max_feature_nodes", "node_threshold", "edge_threshold", "dictionary_id", "batch_size")
+    __slots__ = ("prompt", "prepend_bos", "mode", "target_token_ids", "max_logit_targets", "desired_logit_prob", "max_feature_nodes", "node_threshold", "edge_threshold", "dictionary_id", "batch_size", "detach")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PREPEND_BOS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -456,6 +456,7 @@ class AttributeRequest(_message.Message):
     EDGE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DETACH_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prepend_bos: bool
     mode: AttributionMode
@@ -467,7 +468,8 @@ class AttributeRequest(_message.Message):
     edge_threshold: float
     dictionary_id: str
     batch_size: int
-    def __init__(self, prompt: _Optional[str] = ..., prepend_bos: _Optional[bool] = ..., mode: _Optional[_Union[AttributionMode, str]] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., max_logit_targets: _Optional[int] = ..., desired_logit_prob: _Optional[float] = ..., max_feature_nodes: _Optional[int] = ..., node_threshold: _Optional[float] = ..., edge_threshold: _Optional[float] = ..., dictionary_id: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    detach: bool
+    def __init__(self, prompt: _Optional[str] = ..., prepend_bos: _Optional[bool] = ..., mode: _Optional[_Union[AttributionMode, str]] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., max_logit_targets: _Optional[int] = ..., desired_logit_prob: _Optional[float] = ..., max_feature_nodes: _Optional[int] = ..., node_threshold: _Optional[float] = ..., edge_threshold: _Optional[float] = ..., dictionary_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., detach: _Optional[bool] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "fraction")
