@@ -41,6 +41,8 @@ class Limits:
     max_feature_nodes: int
     max_concurrent_attributions: int
     max_message_bytes: int
+    max_search_limit: int = 100
+    default_search_limit: int = 20
 
 
 class Config(BaseSettings):
@@ -84,8 +86,17 @@ class Config(BaseSettings):
     # -- cache (Redis may evict or go down; the in-process LRU takes over)
     redis_url: str | None = None
     store_url: str | None = None
-    cache_ttl_seconds: int = 3600
-    lru_size: int = 4096
+    cache_ttl_seconds: int = Field(3600, ge=1, description="TTL of every cache key in Redis")
+    lru_size: int = Field(4096, ge=0, description="in-process LRU entries (0: none)")
+    cache_key_prefix: str = Field(
+        "featuresteer:v1", description="namespace of cache keys: <prefix>:<kind>:<fingerprint>:…"
+    )
+    cache_socket_timeout_seconds: float = Field(
+        0.25, gt=0, description="Redis connect/read timeout; beyond it the LRU answers"
+    )
+    cache_retry_seconds: float = Field(
+        2.0, ge=0, description="after a Redis error, skip Redis this long, then try again"
+    )
 
     # -- limits
     max_tokens_per_input: int = Field(1024, ge=1)
@@ -97,6 +108,9 @@ class Config(BaseSettings):
     max_interventions: int = Field(32, ge=1)
     max_attribution_tokens: int = Field(64, ge=1)
     max_feature_nodes: int = Field(500, ge=1)
+    max_search_limit: int = Field(100, ge=1, description="SearchFeatures limit cap")
+    default_search_limit: int = Field(20, ge=1, description="SearchFeatures limit when 0")
+    feature_logits_k: int = Field(10, ge=1, le=100, description="GetFeature top/bottom logits")
     max_concurrent_attributions: int = Field(1, ge=1, description="attributions run at once")
     max_queued_attributions: int = Field(4, ge=0, description="beyond: RESOURCE_EXHAUSTED")
     attribution_batch_size: int = Field(64, ge=1, le=1024)
@@ -128,6 +142,8 @@ class Config(BaseSettings):
             max_feature_nodes=self.max_feature_nodes,
             max_concurrent_attributions=self.max_concurrent_attributions,
             max_message_bytes=self.max_message_bytes,
+            max_search_limit=self.max_search_limit,
+            default_search_limit=min(self.default_search_limit, self.max_search_limit),
         )
 
 

@@ -518,3 +518,61 @@ def job_to_pb(
         else:
             out.graph.CopyFrom(graph_to_pb(result))
     return out
+
+
+# -- Feature catalog
+
+
+def get_feature_request_from_pb(req: pb.GetFeatureRequest) -> domain.FeatureRef:
+    if not req.HasField("feature"):
+        raise InvalidArgument("feature", "required")
+    return feature_ref_from_pb(req.feature, "feature")
+
+
+def _token_values(values: tuple[domain.TokenValue, ...]) -> list[pb.TokenValue]:
+    return [pb.TokenValue(token=token_to_pb(v.token), value=v.value) for v in values]
+
+
+def feature_to_pb(f: domain.Feature) -> pb.GetFeatureResponse:
+    return pb.GetFeatureResponse(
+        feature=feature_ref_to_pb(f.feature),
+        label=f.label,
+        density=f.density,
+        max_activation=f.max_activation,
+        top_examples=[
+            pb.FeatureExample(
+                tokens=[token_to_pb(t) for t in e.tokens], activations=list(e.activations)
+            )
+            for e in f.top_examples
+        ],
+        top_logits=_token_values(f.top_logits),
+        bottom_logits=_token_values(f.bottom_logits),
+    )
+
+
+def search_request_from_pb(req: pb.SearchFeaturesRequest, limits: Limits) -> domain.SearchRequest:
+    has_token = req.HasField("token_id")
+    query = req.query.strip()
+    if has_token and query:
+        raise InvalidArgument("query", "set query or token_id, not both")
+    if not has_token and not query:
+        raise InvalidArgument("query", "set query (non-blank) or token_id")
+    if len(query) > 1000:
+        raise InvalidArgument("query", f"{len(query)} characters > 1000")
+    if req.limit > limits.max_search_limit:
+        raise InvalidArgument("limit", f"{req.limit} > max_search_limit {limits.max_search_limit}")
+    return domain.SearchRequest(
+        query=query if not has_token else None,
+        token_id=int(req.token_id) if has_token else None,
+        dictionary_id=req.dictionary_id,
+        limit=int(req.limit) or limits.default_search_limit,
+    )
+
+
+def search_result_to_pb(res: domain.SearchResult) -> pb.SearchFeaturesResponse:
+    return pb.SearchFeaturesResponse(
+        features=[
+            pb.FeatureMatch(feature=feature_ref_to_pb(m.feature), label=m.label, score=m.score)
+            for m in res.matches
+        ]
+    )

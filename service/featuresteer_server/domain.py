@@ -281,3 +281,57 @@ class AttributionResult:
     replacement_score: float = 0.0
     completeness_score: float = 0.0
     ranking: tuple[tuple[FeatureRef, int, float], ...] = ()
+
+
+# -- Feature catalog (GetFeature / SearchFeatures)
+
+
+@dataclass(frozen=True)
+class FeatureExample:
+    """One stored top-activating context: its tokens and the feature's activation on each."""
+
+    tokens: tuple[Token, ...]
+    activations: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TokenValue:
+    token: Token
+    value: float
+
+
+@dataclass(frozen=True)
+class Feature:
+    """What a feature means. Without a metadata file only the weight-derived parts are set:
+    ``label`` is "", ``density``/``max_activation`` are 0 and ``top_examples`` is empty."""
+
+    feature: FeatureRef
+    label: str = ""
+    density: float = 0.0
+    max_activation: float = 0.0
+    top_examples: tuple[FeatureExample, ...] = ()
+    top_logits: tuple[TokenValue, ...] = ()
+    bottom_logits: tuple[TokenValue, ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """Exactly one of ``query`` / ``token_id`` is set (checked in convert); an empty
+    ``dictionary_id`` searches every loaded dictionary."""
+
+    query: str | None = None
+    token_id: int | None = None
+    dictionary_id: str = ""
+    limit: int = 20
+
+
+@dataclass(frozen=True)
+class FeatureMatch:
+    feature: FeatureRef
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    matches: tuple[FeatureMatch, ...]

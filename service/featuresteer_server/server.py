@@ -58,6 +58,7 @@ class RunningServer:
             self._load_task.cancel()
         if self.state.engine is not None:
             await self.state.engine.shutdown()
+        await self.state.cache.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         self.metrics.ready.set(0)

@@ -3,6 +3,7 @@ Imports no torch; errors are raised as domain exceptions and mapped by the inter
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -11,9 +12,11 @@ import grpc
 from featuresteer.v1 import featuresteer_pb2 as pb
 from featuresteer.v1 import featuresteer_pb2_grpc as pb_grpc
 from featuresteer_server import __version__, convert, jobs
-from featuresteer_server.errors import Cancelled, InvalidArgument, Unavailable, Unimplemented
+from featuresteer_server.cache import FeatureCache
+from featuresteer_server.errors import Cancelled, InvalidArgument, Unavailable
 
 if TYPE_CHECKING:
+    from featuresteer_server.catalog import FeatureCatalog
     from featuresteer_server.config import Config
     from featuresteer_server.engines.base import Engine
     from featuresteer_server.metrics import Metrics
@@ -34,6 +37,16 @@ class AppState:
             config.max_queued_attributions,
             config.attribution_result_ttl_seconds,
         )
+        self.cache = FeatureCache(
+            config.redis_url,
+            ttl_seconds=config.cache_ttl_seconds,
+            lru_size=config.lru_size,
+            prefix=config.cache_key_prefix,
+            socket_timeout=config.cache_socket_timeout_seconds,
+            retry_seconds=config.cache_retry_seconds,
+            metrics=metrics,
+        )
+        self._catalog: FeatureCatalog | None = None
 
     def require_engine(self) -> Engine:
         if self.draining:
@@ -43,6 +56,15 @@ class AppState:
                 raise Unavailable(f"the model failed to load: {self.load_error}")
             raise Unavailable("the model is still loading; retry shortly")
         return self.engine
+
+    def require_catalog(self) -> FeatureCatalog:
+        """The feature catalog of the current engine (built on first use)."""
+        engine = self.require_engine()
+        if self._catalog is None or self._catalog.engine is not engine:
+            from featuresteer_server.catalog import FeatureCatalog
+
+            self._catalog = FeatureCatalog.from_config(engine, self.config)
+        return self._catalog
 
 
 class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
@@ -128,12 +150,34 @@ class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
     async def GetFeature(
         self, request: pb.GetFeatureRequest, context: Any
     ) -> pb.GetFeatureResponse:
-        raise Unimplemented("GetFeature is not served by this server version yet (issue: catalog)")
+        ref = convert.get_feature_request_from_pb(request)
+        catalog = self.state.require_catalog()
+        d = catalog.resolve(ref)  # errors before the cache: they are never cached
+        cache = self.state.cache
+
+        async def compute() -> bytes:
+            return convert.feature_to_pb(await catalog.get_feature(ref)).SerializeToString()
+
+        key = cache.key("feature", d.fingerprint, ref.index)
+        return pb.GetFeatureResponse.FromString(await cache.get_or_compute(key, compute))
 
     async def SearchFeatures(
         self, request: pb.SearchFeaturesRequest, context: Any
     ) -> pb.SearchFeaturesResponse:
-        raise Unimplemented("SearchFeatures is not served by this server version yet")
+        req = convert.search_request_from_pb(request, self.state.limits)
+        catalog = self.state.require_catalog()
+        scope = catalog.search_scope(req)
+        cache = self.state.cache
+
+        async def compute() -> bytes:
+            return convert.search_result_to_pb(await catalog.search(req)).SerializeToString()
+
+        if req.token_id is not None:
+            key = cache.key("search-token", scope.fingerprint, req.token_id, req.limit)
+        else:  # the query is user text of any length: its hash goes in the key
+            digest = hashlib.sha256((req.query or "").lower().encode()).hexdigest()[:32]
+            key = cache.key("search-text", scope.fingerprint, req.limit, digest)
+        return pb.SearchFeaturesResponse.FromString(await cache.get_or_compute(key, compute))
 
 
 def add_to_server(servicer: FeatureSteerServicer, server: grpc.aio.Server) -> None:

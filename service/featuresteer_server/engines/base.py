@@ -44,5 +44,19 @@ class Engine(ABC):
         a set ``cancel`` stops the work between backward batches."""
         raise Unimplemented("Attribute is not implemented by this engine")
 
+    async def feature_logits(
+        self, dictionary_id: str, index: int, k: int
+    ) -> tuple[tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
+        """Direct logit effect of one decoder row: the ``k`` most promoted and the ``k`` most
+        suppressed token ids with their values (descending / ascending)."""
+        raise Unimplemented("feature logits are not computed by this engine")
+
+    async def token_promoters(
+        self, dictionary_id: str, token_id: int, limit: int
+    ) -> tuple[tuple[int, float], ...]:
+        """The ``limit`` features of a dictionary whose decoder rows most promote ``token_id``
+        (index, direct logit effect per unit activation), best first."""
+        raise Unimplemented("token search is not computed by this engine")
+
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release threads and memory."""

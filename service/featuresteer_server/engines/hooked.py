@@ -306,6 +306,60 @@ class HookedEngine(Engine):
             )
         return domain.DictionaryResult(dictionary_id=d.id, positions=tuple(positions))
 
+    # -- feature catalog: what can be computed from the weights alone
+    def _unembed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ln_final.w`` [d_model] and ``W_U`` [d_model, d_vocab] in float32 (read only)."""
+        ln = getattr(self.model, "ln_final", None)
+        w_ln = getattr(ln, "w", None)
+        w_u = self.model.W_U.detach().float()  # [d_model, d_vocab]
+        if w_ln is None:  # LayerNorm folded away (or none): the unembedding alone
+            w_ln = torch.ones(w_u.shape[0])
+        return w_ln.detach().float(), w_u
+
+    def _feature_logits_sync(
+        self, d: Any, index: int, k: int
+    ) -> tuple[tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
+        w_ln, w_u = self._unembed()
+        with torch.inference_mode():
+            # a transcoder's decoder row already lives in the residual stream (MLP output)
+            row = d.W_dec[index].float()  # [d_model]
+            logits = (row * w_ln) @ w_u  # [d_vocab]
+            k = min(k, logits.shape[0])
+            top = torch.topk(logits, k)
+            bottom = torch.topk(-logits, k)
+        return (
+            tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)),
+            tuple(zip(bottom.indices.tolist(), (-bottom.values).tolist(), strict=True)),
+        )
+
+    async def feature_logits(
+        self, dictionary_id: str, index: int, k: int
+    ) -> tuple[tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
+        """Decoder row through ``ln_final.w`` and ``W_U`` (the tooling's metadata uses the same
+        formula; the final norm's 1/rms scale is left out, as it depends on the token)."""
+        d = self.dictionary(dictionary_id, "feature.dictionary_id")
+        # not the engine's worker thread: no hooks are involved, and a lookup must not wait
+        # behind a generation
+        return await asyncio.to_thread(self._feature_logits_sync, d, index, k)
+
+    def _token_promoters_sync(
+        self, d: Any, token_id: int, limit: int
+    ) -> tuple[tuple[int, float], ...]:
+        w_ln, w_u = self._unembed()
+        with torch.inference_mode():
+            direction = w_ln * w_u[:, token_id]  # [d_model]
+            scores = d.W_dec.float() @ direction  # [d_sae]
+            top = torch.topk(scores, min(limit, scores.shape[0]))
+        return tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+
+    async def token_promoters(
+        self, dictionary_id: str, token_id: int, limit: int
+    ) -> tuple[tuple[int, float], ...]:
+        """``W_dec · (ln_final.w ⊙ W_U[:, token_id])``, the largest ``limit`` entries."""
+        d = self.dictionary(dictionary_id, "dictionary_id")
+        self.tokenizer.check_ids([token_id], "token_id")
+        return await asyncio.to_thread(self._token_promoters_sync, d, token_id, limit)
+
     # -- generate
     def steering_hooks(self) -> tuple[str, ...]:
         """Hooks generation can read and edit (forward order)."""
