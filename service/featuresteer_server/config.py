@@ -71,7 +71,16 @@ class Config(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int = Field(2, ge=1, description="intra-op threads (set explicitly: 2 cores)")
     torch_interop_threads: int = Field(1, ge=1)
-    generation_engine: Literal["auto", "hooked", "vllm"] = "auto"
+    generation_engine: Literal["auto", "hooked", "vllm"] = Field(
+        "auto", description="auto: vLLM when it is installed, else the hooked engine"
+    )
+    vllm_dtype: str = "float32"
+    vllm_max_model_len: int = 2048
+    vllm_max_num_seqs: int = 32
+    vllm_max_num_batched_tokens: int = 2048
+    vllm_kv_cache_gib: int = 2
+    vllm_gpu_memory_utilization: float = 0.5
+    vllm_enable_prefix_caching: bool = True
 
     # -- dictionaries
     catalog: Path | None = Field(DEFAULT_CATALOG, description="catalog file; None: no catalog")

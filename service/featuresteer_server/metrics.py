@@ -64,6 +64,12 @@ class Metrics:
         self.ready = Gauge(
             "featuresteer_ready", "1 when the model is loaded and serving", registry=registry
         )
+        self.engine_stat = Gauge(
+            "featuresteer_engine_stat",
+            "Engine counters (e.g. vLLM steps whose batch mixed >= 2 steering specs)",
+            ["engine", "name"],
+            registry=registry,
+        )
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
@@ -71,6 +77,11 @@ class Metrics:
 
     def count_tokens(self, method: str, engine: str, n: int) -> None:
         self.tokens.labels(method, engine).inc(n)
+
+    def engine_stats(self, engine: str, stats: dict[str, float]) -> None:
+        for name, value in stats.items():
+            if isinstance(value, int | float):
+                self.engine_stat.labels(engine, name).set(value)
 
     def cache_event(self, layer: str, event: str) -> None:
         self.cache.labels(layer, event).inc()

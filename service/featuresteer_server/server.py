@@ -41,6 +41,7 @@ class RunningServer:
     metrics_port: int | None = None
     _metrics_http: Any = None
     _load_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _stats_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait for the engine to load; re-raise its load error."""
@@ -54,14 +55,26 @@ class RunningServer:
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.state.config.grace_seconds if grace is None else grace)
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
+        for task in (self._load_task, self._stats_task):
+            if task is not None and not task.done():
+                task.cancel()
         if self.state.engine is not None:
             await self.state.engine.shutdown()
         await self.state.cache.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         self.metrics.ready.set(0)
+
+
+async def _poll_stats(srv: RunningServer, every: float = 10.0) -> None:
+    """Copy engine counters (vLLM worker statistics) into the metrics every few seconds."""
+    engine = srv.state.engine
+    while engine is not None:
+        try:
+            srv.metrics.engine_stats(engine.name, await engine.stats())  # type: ignore[attr-defined]
+        except Exception:  # a metrics hiccup must never take the server down
+            log.debug("engine stats unavailable", exc_info=True)
+        await asyncio.sleep(every)
 
 
 async def _set_serving(srv: RunningServer, serving: bool) -> None:
@@ -125,27 +138,26 @@ async def start_server(
         await _set_serving(srv, True)
         return srv
 
-    factory = engine_factory or _default_factory
-
     async def load() -> None:
         try:
-            state.engine = await asyncio.to_thread(factory, config)
+            if engine_factory is not None:
+                state.engine = await asyncio.to_thread(engine_factory, config)
+            else:
+                from featuresteer_server.engines.loading import load_engines
+
+                state.engine = await load_engines(config)
         except Exception as exc:  # reported through health and UNAVAILABLE
             log.exception("engine failed to load")
             state.load_error = exc
             return
         if not state.draining:
             await _set_serving(srv, True)
+            if hasattr(state.engine, "stats"):
+                srv._stats_task = asyncio.create_task(_poll_stats(srv))
             log.info("engine ready: %s", ", ".join(state.engine.info().engines))
 
     srv._load_task = asyncio.create_task(load())
     return srv
-
-
-def _default_factory(config: Config) -> Engine:
-    from featuresteer_server.engines.loading import load_engine
-
-    return load_engine(config)
 
 
 async def serve(config: Config) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
 from featuresteer_server.config import Config
+from featuresteer_server.engines.base import Engine
 from featuresteer_server.engines.hooked import HookedEngine
 from featuresteer_server.engines.hooked_attribution import AttributionSettings
 from featuresteer_server.models import DEFAULT_MODEL
@@ -49,6 +51,45 @@ def load_dictionaries(config: Config, hook_names: set[str], d_model: int) -> lis
         quickfit.ensure_quickfit(lambda msg: log.info("%s", msg))
         out.append(quickfit.load_quickfit(hook_names, d_model))
     return out
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def wants_vllm(config: Config) -> bool:
+    if config.generation_engine == "vllm":
+        if not vllm_available():
+            raise RuntimeError(
+                "generation_engine=vllm but vLLM is not installed (pip install .[vllm])"
+            )
+        return True
+    return config.generation_engine == "auto" and vllm_available()
+
+
+async def load_engines(config: Config) -> Engine:
+    """The hooked engine, wrapped by the vLLM engine for Generate when vLLM is wanted."""
+    hooked = await asyncio.to_thread(load_engine, config)
+    if not wants_vllm(config):
+        return hooked
+    from featuresteer_server.engines.vllm.engine import VllmEngine, VllmOptions
+
+    options = VllmOptions(
+        dtype=config.vllm_dtype,
+        max_model_len=config.vllm_max_model_len,
+        max_num_seqs=config.vllm_max_num_seqs,
+        max_num_batched_tokens=config.vllm_max_num_batched_tokens,
+        kv_cache_gib=config.vllm_kv_cache_gib,
+        gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        enable_prefix_caching=config.vllm_enable_prefix_caching,
+    )
+    try:
+        return await VllmEngine.create(hooked, hooked.source, options)
+    except BaseException:
+        await hooked.shutdown()
+        raise
 
 
 def load_engine(config: Config) -> HookedEngine:

