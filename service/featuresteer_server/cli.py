@@ -25,6 +25,9 @@ def run(
         list[Path] | None, typer.Option(help="extra SAELens-format directory (repeatable)")
     ] = None,
     torch_threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
+    generation_engine: Annotated[
+        str | None, typer.Option(help="auto (vLLM if installed), vllm or hooked")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="logging level")] = None,
     prepare_only: Annotated[
         bool, typer.Option(help="prepare (convert) the model and exit")
@@ -43,6 +46,7 @@ def run(
         catalog=catalog,
         dictionaries=tuple(dictionary) if dictionary else None,
         torch_threads=torch_threads,
+        generation_engine=generation_engine,
         log_level=log_level,
     )
     logging.basicConfig(

@@ -56,7 +56,8 @@ async def test_default_server_over_grpcurl(tmp_path: Path) -> None:
     extra = write_random_dictionary(
         tmp_path, "rand", "topk", "blocks.6.hook_resid_post", 576, 512, k=16
     )
-    cfg = load_config(port=0, metrics_port=0, dictionaries=(extra,))
+    # the hooked generation engine: starting vLLM here would only repeat tests/e2e/test_vllm.py
+    cfg = load_config(port=0, metrics_port=0, dictionaries=(extra,), generation_engine="hooked")
     srv = await start_server(cfg)  # the production loader: default model + catalog defaults
     try:
         await srv.wait_ready(timeout=600)

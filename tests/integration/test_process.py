@@ -34,7 +34,12 @@ def server_process(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     default_hf_tokenizer().save_pretrained(model_dir)
     sae = write_random_dictionary(root, "sae", "topk", "blocks.1.hook_resid_post", 64, 128, k=8)
     port = free_port()
-    env = {**os.environ, "FEATURESTEER_TORCH_THREADS": "1", "FEATURESTEER_GRACE_SECONDS": "5"}
+    env = {
+        **os.environ,
+        "FEATURESTEER_TORCH_THREADS": "1",
+        "FEATURESTEER_GRACE_SECONDS": "5",
+        "FEATURESTEER_GENERATION_ENGINE": "hooked",
+    }  # vLLM has its own e2e tests
     proc = subprocess.Popen(
         [
             sys.executable,
