@@ -1,0 +1,94 @@
+"""Activation extraction through the serving engine's HookedTransformer.
+
+Residual SAEs train from an on-disk float16 cache (one forward to the deepest SAE layer gives
+all four layers). Transcoders cannot be cached (30 layers x 2 hooks ~ 70 kB per token), so
+``iter_batches`` streams them from forward passes instead. BOS (position 0) is always dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featuresteer_dicts.common import CTX, D_MODEL, Progress, cache_root, write_json_atomic
+from featuresteer_dicts.corpus import load_split
+
+SAE_TRAIN_WINDOWS = 7880  # x 127 = 1.0M training tokens per SAE layer
+
+
+def acts_dir() -> Path:
+    path = cache_root() / "acts" / "v1"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_hooks(model: Any, windows: np.ndarray, hooks: Sequence[str]) -> dict[str, Any]:
+    """{hook: [batch, CTX - 1, d] float32} for token windows, stopping after the last hook."""
+    import torch
+
+    layers = [int(h.split(".")[1]) for h in hooks]
+    stop = max(layers) + 1  # exclusive; n_layers skips only ln_final and the unembedding
+    toks = torch.as_tensor(np.array(windows), dtype=torch.long)
+    wanted = set(hooks)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(
+            toks, names_filter=lambda n: n in wanted, stop_at_layer=stop
+        )
+    return {h: cache[h][:, 1:, :] for h in hooks}
+
+
+def cache_resid(
+    model: Any, hooks: Sequence[str], progress: Progress, batch: int = 16, limit: int | None = None
+) -> Path:
+    """Fill ``acts/v1/<hook>.npy`` ([SAE_TRAIN_WINDOWS * (CTX-1), d] fp16) up to ``limit``
+    windows; resumable."""
+    out = acts_dir()
+    state_path = out / "resid_state.json"
+    n_tok = SAE_TRAIN_WINDOWS * (CTX - 1)
+    done = json.loads(state_path.read_text())["windows"] if state_path.is_file() else 0
+    mode = "r+" if done else "w+"
+    maps = {
+        h: np.lib.format.open_memmap(
+            out / f"{h}.npy", mode=mode, dtype=np.float16, shape=(n_tok, D_MODEL)
+        )
+        for h in hooks
+    }
+    train = load_split("train")
+    t0, start = time.time(), done
+    target = min(limit or SAE_TRAIN_WINDOWS, SAE_TRAIN_WINDOWS)
+    while done < target:
+        stop = min(done + batch, target)
+        acts = run_hooks(model, train[done:stop], hooks)
+        lo, hi = done * (CTX - 1), stop * (CTX - 1)
+        for h in hooks:
+            maps[h][lo:hi] = acts[h].reshape(-1, D_MODEL).numpy().astype(np.float16)
+            maps[h].flush()
+        done = stop
+        write_json_atomic(state_path, {"windows": done})
+        rate = (done - start) * (CTX - 1) / max(time.time() - t0, 1e-6)
+        progress(f"resid cache {done}/{SAE_TRAIN_WINDOWS} windows ({rate:.0f} tok/s)")
+    return out
+
+
+def cached_windows() -> int:
+    """How many windows the residual cache holds so far (written after each flush)."""
+    path = acts_dir() / "resid_state.json"
+    return int(json.loads(path.read_text())["windows"]) if path.is_file() else 0
+
+
+def iter_batches(
+    model: Any, split: str, hooks: Sequence[str], start: int, stop: int, batch: int
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (next window index, {hook: [batch*(CTX-1), d] float32}) streamed from forwards."""
+    windows = load_split(split)
+    i = start
+    while i < stop:
+        j = min(i + batch, stop)
+        acts = run_hooks(model, windows[i:j], hooks)
+        yield j, {h: a.reshape(-1, a.shape[-1]) for h, a in acts.items()}
+        i = j

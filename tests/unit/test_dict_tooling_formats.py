@@ -1,0 +1,85 @@
+"""Unit tests of the on-disk formats: SAELens loads what we write and encodes like us; the
+circuit-tracer export has its layout; artifacts are never overwritten."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "dictionaries"))
+
+from featuresteer_dicts.coders import (  # noqa: E402
+    check_saelens,
+    load_coder,
+    sae_cfg,
+    tc_cfg,
+    write_artifact,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _weights(d: int, f: int, threshold: bool) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    w = {
+        "W_enc": torch.randn(d, f, generator=gen),
+        "b_enc": torch.randn(f, generator=gen) * 0.1,
+        "W_dec": torch.randn(f, d, generator=gen),
+        "b_dec": torch.randn(d, generator=gen) * 0.1,
+    }
+    if threshold:
+        w["threshold"] = torch.full((f,), 0.7)
+    return w
+
+
+def test_topk_sae_roundtrip_through_saelens(tmp_path: Path) -> None:
+    out = tmp_path / "sae"
+    write_artifact(out, sae_cfg(8, 32, 4, 6, 1000), _weights(8, 32, False), torch.zeros(8))
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4
+    assert cfg["metadata"]["hook_name"] == "blocks.6.hook_resid_post"
+    assert check_saelens(out, torch.randn(16, 8)) < 1e-4
+    coder = load_coder(out)
+    assert coder.W_enc.dtype == torch.float32 and coder.W_enc.shape == (8, 32)
+
+
+def test_jumprelu_transcoder_roundtrip_through_saelens(tmp_path: Path) -> None:
+    out = tmp_path / "tc"
+    write_artifact(out, tc_cfg(8, 32, 3, 1000, 4), _weights(8, 32, True), torch.ones(8))
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu_transcoder" and cfg["d_out"] == 8
+    assert cfg["metadata"]["hook_name"] == "blocks.3.ln2.hook_normalized"
+    assert cfg["metadata"]["hook_name_out"] == "blocks.3.hook_mlp_out"
+    assert check_saelens(out, torch.randn(16, 8) * 3) < 1e-4
+    assert torch.equal(load_coder(out).mean, torch.ones(8))
+
+
+def test_artifacts_are_immutable(tmp_path: Path) -> None:
+    out = tmp_path / "sae"
+    write_artifact(out, sae_cfg(8, 32, 4, 6, 1000), _weights(8, 32, False), torch.zeros(8))
+    with pytest.raises(FileExistsError):
+        write_artifact(out, sae_cfg(8, 32, 4, 6, 1000), _weights(8, 32, False), torch.zeros(8))
+
+
+def test_circuit_tracer_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    import featuresteer_dicts.build as build
+
+    monkeypatch.setenv("FEATURESTEER_DICTS_ROOT", str(tmp_path / "dicts"))
+    monkeypatch.setattr(build, "N_LAYERS", 2)
+    for layer in range(2):
+        write_artifact(
+            build.tc_dir(layer), tc_cfg(8, 32, layer, 10, 4), _weights(8, 32, True), torch.zeros(8)
+        )
+    out = build.export_circuit_tracer(lambda s: None, tmp_path / "ct")
+    layer0 = load_file(str(out / "layer_0.safetensors"))
+    assert layer0["W_enc"].shape == (32, 8) and layer0["W_dec"].shape == (32, 8)
+    assert "activation_function.threshold" in layer0
+    text = (out / "config.yaml").read_text()
+    assert "model_kind: transcoder_set" in text and '"layer_1.safetensors"' in text
+    assert 'feature_input_hook: "ln2.hook_normalized"' in text
