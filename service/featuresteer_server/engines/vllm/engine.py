@@ -31,7 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from featuresteer_server import domain, generation, interventions
 from featuresteer_server.engines.base import Engine
@@ -112,7 +112,7 @@ class VllmEngine(Engine):
         args = AsyncEngineArgs(
             model=str(model_dir),
             tokenizer=str(model_dir),
-            dtype=options.dtype,
+            dtype=cast(Any, options.dtype),  # vLLM types it as a Literal of names
             enforce_eager=True,
             max_model_len=options.max_model_len,
             max_num_seqs=options.max_num_seqs,
