@@ -412,13 +412,20 @@ class HookedEngine(Engine):
         """Validate and plan a request (cheap; runs on the event loop)."""
         if self.hf_model is None:
             raise Unavailable("this engine was built without its transformers model")
+        return self.plan_generate(req)
+
+    def plan_generate(
+        self, req: domain.GenerateRequest, *, with_trace: bool = True
+    ) -> tuple[list[generation.RunPlan], domain.Provenance]:
+        """The run plans (steered, then the baseline when asked) and provenance of a request,
+        validated against this engine's dictionaries; the vLLM engine plans with it too."""
         spec = interventions.compile_steering(
             req.interventions,
             self.dictionaries,
             hook_names=self.steering_hooks(),
             d_model=int(self.model.cfg.d_model),
         )
-        trace = self._trace_plan(req.trace)
+        trace = self._trace_plan(req.trace) if with_trace else None
         prompt = self._prompt_ids(req)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         common = dict(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import secrets
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from featuresteer_server import domain, generation, interventions
+from featuresteer_server import domain, generation
 from featuresteer_server.engines.base import Engine
 from featuresteer_server.engines.vllm import wire
 
@@ -175,34 +174,7 @@ class VllmEngine(Engine):
     def _plan(
         self, req: domain.GenerateRequest
     ) -> tuple[list[generation.RunPlan], domain.Provenance, tuple[domain.Intervention, ...]]:
-        h = self.hooked
-        spec = interventions.compile_steering(
-            req.interventions,
-            h.dictionaries,
-            hook_names=h.steering_hooks(),
-            d_model=int(h.model.cfg.d_model),
-        )
-        prompt = h._prompt_ids(req)
-        seed = req.seed if req.seed is not None else secrets.randbits(63)
-        common: dict[str, Any] = dict(
-            prompt_ids=prompt,
-            max_new_tokens=req.max_new_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            repetition_penalty=req.repetition_penalty,
-            seed=seed,
-            stop=req.stop,
-            logprobs=req.logprobs,
-            trace=None,
-        )
-        plans = [generation.RunPlan(spec=spec, **common)]
-        if req.compare_baseline:
-            plans.append(
-                generation.RunPlan(spec=interventions.SteeringSpec(), baseline=True, **common)
-            )
-        used = [h.dictionaries[d_id] for d_id in spec.dictionaries]
-        prov = h.provenance(used, seed=seed, steering_spec_fingerprint=spec.fingerprint)
+        plans, prov = self.hooked.plan_generate(req, with_trace=False)
         prov = dataclasses.replace(prov, engine=self.name, dtype=self.dtype)
         return plans, prov, req.interventions
 
