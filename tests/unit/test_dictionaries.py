@@ -532,3 +532,37 @@ def test_registry_covers_every_required_architecture():
     }
     assert required <= set(ARCHITECTURES)
     assert DictionaryRegistry().default_ids() == []
+
+
+@pytest.mark.parametrize("architecture", ["topk", "transcoder", "skip_transcoder"])
+def test_error_stats_with_precomputed_acts_equal_recomputed(
+    tmp_path: Path, architecture: str
+) -> None:
+    """The decode hot path passes its encoding in; the figures must not change."""
+    g = torch.Generator().manual_seed(7)
+    d_in, d_sae = 16, 40
+    w = {
+        "W_enc": torch.randn(d_in, d_sae, generator=g),
+        "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+        "W_dec": torch.randn(d_sae, d_in, generator=g),
+        "b_dec": torch.randn(d_in, generator=g) * 0.1,
+    }
+    if architecture == "skip_transcoder":
+        w["W_skip"] = torch.randn(d_in, d_in, generator=g) * 0.1
+    extra = {"k": 5} if architecture == "topk" else {}
+    out_hook = None if architecture == "topk" else "blocks.0.hook_mlp_out"
+    hook = "blocks.0.hook_resid_post" if architecture == "topk" else "blocks.0.ln2.hook_normalized"
+    path = write_dictionary(
+        tmp_path / architecture,
+        w,
+        architecture=architecture,
+        hook_name=hook,
+        hook_name_out=out_hook,
+        **extra,
+    )
+    d = load_dictionary(path)
+    x = torch.randn(6, d_in, generator=g)
+    y = torch.randn(6, d_in, generator=g) if d.is_transcoder else None
+    a = d.error_stats(x, y)
+    b = d.error_stats(x, y, acts=d.encode(x))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -270,13 +270,17 @@ class Dictionary(nn.Module):
         direction = self.decoder_direction(index)  # [d_out]
         return value.to(torch.float32).unsqueeze(-1) * direction
 
-    def error_stats(self, x: Tensor, x_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def error_stats(
+        self, x: Tensor, x_out: Tensor | None = None, acts: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Per-token reconstruction error norm and FVU.
 
         Args:
             x: [..., d_in] activations at the input hook.
             x_out: [..., d_out] activations at the output hook (required for transcoders:
                 the target is the MLP output; ignored for SAEs, whose target is x).
+            acts: [..., d_sae] ``encode(x)`` when the caller already has it (saves a second
+                encoding on the decode hot path).
 
         Returns:
             (error_norm [...], fvu [...]) float32: ‖t−x̂‖ and ‖t−x̂‖²/‖t−μ‖², μ the dataset
@@ -292,7 +296,13 @@ class Dictionary(nn.Module):
             target = x_out.to(torch.float32)
         else:
             target = x
-        err_sq = (target - self.reconstruct(x)).pow(2).sum(dim=-1)
+        if acts is None:
+            recon = self.reconstruct(x)
+        else:
+            recon = self.decode(acts, x=x)
+            if self.has_skip:
+                recon = recon + self.skip(x)
+        err_sq = (target - recon).pow(2).sum(dim=-1)
         centred = target if self.dataset_mean is None else target - self.dataset_mean
         denom = centred.pow(2).sum(dim=-1)
         fvu = torch.where(denom > 0, err_sq / denom.clamp_min(1e-30), torch.nan)

@@ -287,7 +287,7 @@ class HookedEngine(Engine):
         err_norm = fvu = None
         if req.include_error:
             x_out = acts[d.hook_name_out][b, :n].float() if d.is_transcoder else None
-            err_t, fvu_t = d.error_stats(x, x_out)  # [pos], [pos]
+            err_t, fvu_t = d.error_stats(x, x_out, acts=feats)  # [pos], [pos]
             err_norm, fvu = err_t.tolist(), fvu_t.tolist()
         positions = []
         for p in range(n_pos):
