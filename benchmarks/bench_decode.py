@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import time
@@ -60,20 +61,36 @@ def main() -> None:
     def decode() -> None:
         asyncio.run(engine.decode(req))
 
-    for fn in (full_forward, forward_to_hooks, decode):  # warm-up
+    one = dicts[len(dicts) // 2]  # one dictionary alone: the per-dictionary overhead
+    req_one = dataclasses.replace(req, dictionary_ids=(one.id,))
+
+    def forward_to_one_hook() -> None:
+        engine.forward_cache([ids], {one.hook_name})
+
+    def decode_one() -> None:
+        asyncio.run(engine.decode(req_one))
+
+    cases = {
+        "full_forward": full_forward,
+        "forward_to_hooks": forward_to_hooks,
+        "decode": decode,
+        "forward_to_one_hook": forward_to_one_hook,
+        "decode_one": decode_one,
+    }
+    for fn in cases.values():  # warm-up
         fn()
     print(f"{len(ids)} tokens, {len(dicts)} dictionaries: {[d.id for d in dicts]}", flush=True)
     load_before = loadavg()
-    times = interleave(
-        {"full_forward": full_forward, "forward_to_hooks": forward_to_hooks, "decode": decode},
-        args.repeats,
-    )
+    times = interleave(cases, args.repeats)
     rows = []
     for name, xs in times.items():
         med, lo, hi = summary(xs)
         rows.append({"case": name, "median_ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3})
     ratios_hooks = [d / f for d, f in zip(times["decode"], times["forward_to_hooks"], strict=True)]
     ratios_full = [d / f for d, f in zip(times["decode"], times["full_forward"], strict=True)]
+    ratios_one = [
+        d / f for d, f in zip(times["decode_one"], times["forward_to_one_hook"], strict=True)
+    ]
     latency = asyncio.run(rpc_latency(cfg, engine, args.latency_calls))
     result = {
         "machine": machine(),
@@ -85,6 +102,8 @@ def main() -> None:
         "load_after": loadavg(),
         "decode": rows,
         "ratio_decode_vs_forward_to_hooks": summary(ratios_hooks),
+        "one_dictionary": one.id,
+        "ratio_one_dictionary": summary(ratios_one),
         "ratio_decode_vs_full_forward": summary(ratios_full),
         "rpc_latency": latency,
     }
