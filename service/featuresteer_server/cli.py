@@ -61,7 +61,9 @@ def run(
         with console.status("preparing the model") as status:
             path = resolve_model(cfg.model, lambda msg: status.update(msg))
         console.print(f"model ready at {path}")
-        if _needs_quickfit(cfg):
+        from featuresteer_server.engines.loading import needs_quickfit
+
+        if needs_quickfit(cfg):
             from featuresteer_server.quickfit import ensure_quickfit
 
             with console.status("fitting the stand-in SAE") as status:
@@ -71,23 +73,6 @@ def run(
     from featuresteer_server.server import serve
 
     raise typer.Exit(asyncio.run(serve(cfg)))
-
-
-def _needs_quickfit(cfg: object) -> bool:
-    """True when `make serve` would otherwise start with no dictionary at all."""
-    import json
-
-    from featuresteer_server.models import DEFAULT_MODEL
-
-    if not getattr(cfg, "quickfit_fallback", False) or getattr(cfg, "model", "") != DEFAULT_MODEL:
-        return False
-    if getattr(cfg, "dictionaries", ()):
-        return False
-    catalog = getattr(cfg, "catalog", None)
-    if catalog is None or not Path(catalog).is_file():
-        return True
-    entries = json.loads(Path(catalog).read_text()).get("dictionaries", [])
-    return not any(e.get("default") for e in entries)
 
 
 def main() -> None:

@@ -118,8 +118,7 @@ def test_quickfit_stand_in_is_labelled_and_its_figures_hold() -> None:
 
 
 def test_default_dictionaries_are_the_catalog_or_the_labelled_stand_in() -> None:
-    from featuresteer_server.cli import _needs_quickfit
-    from featuresteer_server.engines.loading import load_dictionaries
+    from featuresteer_server.engines.loading import load_dictionaries, needs_quickfit
 
     cfg = load_config()
     hf, tok = models.load_hf(models.prepare_default_model(), torch.float32)
@@ -127,7 +126,7 @@ def test_default_dictionaries_are_the_catalog_or_the_labelled_stand_in() -> None
     dicts = load_dictionaries(cfg, set(hooked.hook_dict), 576)
     assert dicts, "make serve must start with at least one dictionary"
     quick = [d for d in dicts if "quickfit" in d.id]
-    if _needs_quickfit(cfg):  # the catalog lists no default dictionary yet
+    if needs_quickfit(cfg):  # the catalog lists no default dictionary yet
         assert [d.id for d in dicts] == [d.id for d in quick] and len(quick) == 1
     else:
         assert not quick

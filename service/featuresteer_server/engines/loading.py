@@ -27,6 +27,19 @@ def set_threads(config: Config) -> None:
         torch.set_num_interop_threads(config.torch_interop_threads)
 
 
+def needs_quickfit(config: Config) -> bool:
+    """True when the server would start with no dictionary, so the labelled stand-in SAE is
+    served instead (default model only; see quickfit.py)."""
+    from featuresteer_server.dictionaries import load_catalog
+
+    if not config.quickfit_fallback or config.model != DEFAULT_MODEL or config.dictionaries:
+        return False
+    if config.catalog is None or not config.load_catalog_defaults:
+        return True
+    catalog = Path(config.catalog)
+    return not catalog.is_file() or not any(e.default for e in load_catalog(catalog))
+
+
 def load_dictionaries(config: Config, hook_names: set[str], d_model: int) -> list[Any]:
     """The catalog's default dictionaries plus any extra directories from config."""
     from featuresteer_server.dictionaries import load_catalog, load_catalog_entry, load_dictionary
@@ -44,7 +57,7 @@ def load_dictionaries(config: Config, hook_names: set[str], d_model: int) -> lis
             log.warning("no dictionary catalog at %s", catalog)
     for path in config.dictionaries:
         out.append(load_dictionary(Path(path), expected_hooks=hook_names, d_model=d_model))
-    if not out and config.quickfit_fallback and config.model == DEFAULT_MODEL:
+    if not out and needs_quickfit(config):
         from featuresteer_server import quickfit
 
         log.warning("no default dictionary in the catalog: serving the QUICK-FIT stand-in SAE")
