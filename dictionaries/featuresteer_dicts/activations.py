@@ -2,7 +2,10 @@
 
 Residual SAEs train from an on-disk float16 cache (one forward to the deepest SAE layer gives
 all four layers). Transcoders cannot be cached (30 layers x 2 hooks ~ 70 kB per token), so
-``iter_batches`` streams them from forward passes instead. BOS (position 0) is always dropped.
+``iter_mlp_pairs`` streams them from forward passes instead: there the plain transformers
+model runs with forward hooks (about 1.5x the HookedTransformer's tokens/s on this CPU) and
+recomputes TransformerLens's ``ln2.hook_normalized`` (RMS-normalised, before the weight); an
+e2e test checks both captures agree. BOS (position 0) is always dropped.
 """
 
 from __future__ import annotations
@@ -91,4 +94,59 @@ def iter_batches(
         j = min(i + batch, stop)
         acts = run_hooks(model, windows[i:j], hooks)
         yield j, {h: a.reshape(-1, a.shape[-1]) for h, a in acts.items()}
+        i = j
+
+
+def load_hf_model(n_threads: int = 1) -> Any:
+    """The default model as plain transformers float32 (the model the hooked engine wraps)."""
+    import torch
+
+    from featuresteer_server.models import load_hf, prepare_default_model
+
+    torch.set_num_threads(n_threads)
+    hf, _ = load_hf(prepare_default_model(), torch.float32)
+    return hf
+
+
+def mlp_pairs(hf: Any, windows: np.ndarray) -> dict[str, Any]:
+    """{``blocks.L.ln2.hook_normalized`` / ``blocks.L.hook_mlp_out``: [n*(CTX-1), d] float32}
+    for every layer, from one plain-transformers forward (BOS dropped)."""
+    import torch
+
+    from featuresteer_dicts.common import tc_hooks
+
+    out: dict[str, Any] = {}
+    handles = []
+    for layer, block in enumerate(hf.model.layers):
+        h_in, h_out = tc_hooks(layer)
+        norm = block.post_attention_layernorm
+
+        def take_in(mod: Any, args: Any, name: str = h_in, eps: float = norm.variance_epsilon):
+            x = args[0]
+            out[name] = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+        def take_out(mod: Any, args: Any, result: Any, name: str = h_out) -> None:
+            out[name] = result
+
+        handles.append(norm.register_forward_pre_hook(take_in))
+        handles.append(block.mlp.register_forward_hook(take_out))
+    try:
+        toks = torch.as_tensor(np.array(windows), dtype=torch.long)
+        with torch.no_grad():
+            hf.model(input_ids=toks, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v[:, 1:, :].reshape(-1, v.shape[-1]) for k, v in out.items()}
+
+
+def iter_mlp_pairs(
+    hf: Any, split: str, start: int, stop: int, batch: int
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (next window index, ``mlp_pairs``) over windows [start, stop) of a split."""
+    windows = load_split(split)
+    i = start
+    while i < stop:
+        j = min(i + batch, stop)
+        yield j, mlp_pairs(hf, windows[i:j])
         i = j

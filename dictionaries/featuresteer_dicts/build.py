@@ -85,15 +85,14 @@ def export_saes(progress: Progress) -> None:
 def tc_post_pass(progress: Progress, n_windows: int | None = None) -> dict[str, Any]:
     """One forward sweep for all transcoders: dataset means of hook_mlp_out + feature stats."""
     n_windows = n_windows or TC_META_WINDOWS
-    from featuresteer_dicts.activations import iter_batches
-    from featuresteer_dicts.common import load_model
+    from featuresteer_dicts.activations import iter_mlp_pairs, load_hf_model
     from featuresteer_dicts.metadata import FeatureStats
     from featuresteer_dicts.runs import final_path
 
     path = train_dir() / "tc_post.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
-    model, _ = load_model(1)
+    hf = load_hf_model(torch.get_num_threads())
     coders: list[Coder] = []
     for layer in range(N_LAYERS):
         w = _rounded(torch.load(final_path("tc", layer), weights_only=False)["weights"])
@@ -115,9 +114,8 @@ def tc_post_pass(progress: Progress, n_windows: int | None = None) -> dict[str, 
     stats = [FeatureStats(c.d_sae, TC_TOP) for c in coders]
     sums = torch.zeros(N_LAYERS, D_MODEL, dtype=torch.float64)
     n_tok = 0
-    hooks = [h for layer in range(N_LAYERS) for h in tc_hooks(layer)]
     start = 0
-    for nxt, acts in iter_batches(model, "train", hooks, 0, n_windows, 8):
+    for nxt, acts in iter_mlp_pairs(hf, "train", 0, n_windows, 8):
         b = nxt - start
         ids = torch.arange(start, nxt)
         for layer, c in enumerate(coders):
@@ -176,7 +174,7 @@ def evaluate(progress: Progress, family: str) -> dict[str, dict[str, float]]:
     if not todo:
         return metrics
     torch.manual_seed(SEED)
-    model, _ = load_model(1)
+    model, _ = load_model()
     coders = {k: load_coder(v) for k, v in todo.items()}
     windows = eval_windows(EVAL_TOKENS)
     hooks = sorted({h for c in coders.values() for h in (c.hook_name, c.hook_name_out)})
@@ -219,7 +217,7 @@ def sae_metadata(progress: Progress) -> None:
         if out.exists() or not (sae_dir(layer) / WEIGHTS).exists():
             continue
         if model is None:
-            model, tok = load_model(1)
+            model, tok = load_model()
         coder = load_coder(sae_dir(layer))
         cache = np.load(acts_dir() / f"{sae_hook(layer)}.npy", mmap_mode="r")
         stats = FeatureStats(coder.d_sae, SAE_TOP)
@@ -243,7 +241,7 @@ def tc_metadata(progress: Progress) -> None:
     if not shipped(TC_FAMILY):
         return
     post = tc_post_pass(progress)
-    model, tok = load_model(1)
+    model, tok = load_model()
     train = np.asarray(load_split("train")[:TC_META_WINDOWS])
     for layer in range(N_LAYERS):
         out = tc_dir(layer) / "features.npz"

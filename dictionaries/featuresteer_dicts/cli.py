@@ -53,7 +53,7 @@ def train_sae(
     from featuresteer_dicts.common import load_model
     from featuresteer_dicts.runs import train_saes
 
-    model, _ = load_model(1)
+    model, _ = load_model()
     with console.status("caching residual activations"):
         cache_resid(model, [sae_hook(layer) for layer in SAE_LAYERS], _say, limit=windows)
     del model
@@ -65,7 +65,7 @@ def train_sae(
 
 @app.command("train-transcoders")
 def train_transcoders_cmd(
-    tokens: Annotated[int, typer.Option(help="training tokens per transcoder")] = 300_000,
+    tokens: Annotated[int, typer.Option(help="training tokens per transcoder")] = 1_000_000,
 ) -> None:
     """Train the 30 transcoders from streamed forward passes; resumable."""
     _threads()
@@ -117,7 +117,7 @@ def export_circuit_tracer(
 
 @app.command("all")
 def run_all(
-    tokens: Annotated[int, typer.Option(help="transcoder training tokens")] = 300_000,
+    tokens: Annotated[int, typer.Option(help="transcoder training tokens")] = 1_000_000,
 ) -> None:
     """Every step in order; safe to re-run (finished steps are skipped)."""
     corpus(force=False)

@@ -82,13 +82,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def load_model(n_threads: int = 1) -> tuple[Any, Any]:
-    """(HookedTransformer, tokenizer) for the default model in float32, as the server builds it."""
+def load_model(n_threads: int | None = None) -> tuple[Any, Any]:
+    """(HookedTransformer, tokenizer) for the default model in float32, as the server builds it.
+
+    ``n_threads`` None keeps torch's current setting (the CLI sets it from
+    FEATURESTEER_DICTS_THREADS)."""
     import torch
 
     from featuresteer_server.models import build_hooked, load_hf, prepare_default_model
 
-    torch.set_num_threads(n_threads)
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
     model_dir = prepare_default_model()
     hf, tok = load_hf(model_dir, torch.float32)
     model = build_hooked(hf, tok, torch.float32)

@@ -34,8 +34,8 @@ CKPT_SECONDS = 480
 SAE_BATCH = 1016  # 8 windows of 127 tokens
 SAE_CHUNK = 40  # windows shuffled together; 7880 = 197 chunks
 TC_WINDOWS_PER_FORWARD = 8
-TC_MINIBATCHES = 2
-TC_DEFAULT_TOKENS = 300_000
+TC_MINIBATCHES = 1
+TC_DEFAULT_TOKENS = 1_000_000
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
@@ -65,6 +65,9 @@ def tc_config() -> Any:
         batch_topk=True,
         lr=1e-3,
         dead_tokens=50_000,
+        row_cap=4 * TC_K,
+        fused_adam=True,
+        sparse_backward=True,
     )
 
 
@@ -156,8 +159,7 @@ def train_transcoders(progress: Progress, tokens: int = TC_DEFAULT_TOKENS) -> li
     """All 30 transcoders at once, each forward pass feeding every layer's pair."""
     import torch
 
-    from featuresteer_dicts.activations import iter_batches
-    from featuresteer_dicts.common import load_model
+    from featuresteer_dicts.activations import iter_mlp_pairs, load_hf_model
     from featuresteer_dicts.train import CoderTrainer
 
     outs = [final_path("tc", layer) for layer in range(N_LAYERS)]
@@ -177,11 +179,10 @@ def train_transcoders(progress: Progress, tokens: int = TC_DEFAULT_TOKENS) -> li
             tr.load_state_dict(st)
         start = int(state["next_window"])
         progress(f"transcoders: resumed at window {start}")
-    model, _ = load_model(1)
-    hooks = [h for layer in range(N_LAYERS) for h in tc_hooks(layer)]
+    hf = load_hf_model(torch.get_num_threads())
     stop = n_windows // per_fwd * per_fwd
     last, t0 = time.time(), time.time()
-    for i, (nxt, acts) in enumerate(iter_batches(model, "train", hooks, start, stop, per_fwd)):
+    for i, (nxt, acts) in enumerate(iter_mlp_pairs(hf, "train", start, stop, per_fwd)):
         fvus, l0s, deads = [], [], []
         for layer, tr in enumerate(trainers):
             h_in, h_out = tc_hooks(layer)

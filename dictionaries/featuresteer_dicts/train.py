@@ -34,6 +34,11 @@ class CoderConfig:
     dead_tokens: int = 100_000
     lr: float = 1e-3
     threshold_beta: float = 0.99
+    # BatchTopK candidates per token: the batch's n*k largest are chosen among each token's
+    # ``row_cap`` largest (a full-batch topk costs 3x more on CPU; caps a token at row_cap).
+    row_cap: int = 0
+    fused_adam: bool = False
+    sparse_backward: bool = False  # SparseCoder.sparse_grads (BatchTopK transcoders only)
 
 
 class SparseCoder(nn.Module):
@@ -69,13 +74,28 @@ class SparseCoder(nn.Module):
             x = x - self.b_dec
         return torch.relu(x @ self.W_enc + self.b_enc)
 
+    def select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """BatchTopK choice as (rows, cols, values), sorted by row then column."""
+        n, k = pre.shape[0], self.cfg.k
+        if self.cfg.row_cap:
+            cand, cidx = pre.topk(self.cfg.row_cap, dim=-1, sorted=False)
+            cidx, order = cidx.sort(dim=-1)  # CSR kernels (sampled_addmm) need sorted columns
+            cand = cand.gather(-1, order)
+        else:
+            cand, cidx = pre, torch.arange(pre.shape[1]).expand_as(pre)
+        flat = cand.flatten()
+        _, idx = flat.topk(k * n, sorted=False)
+        keep = torch.zeros(flat.shape, dtype=torch.bool).index_fill_(0, idx, True).view_as(cand)
+        keep &= cand > 0
+        rows = keep.nonzero()[:, 0]
+        return rows, cidx[keep], cand[keep]
+
     def sparsify(self, pre: Tensor) -> Tensor:
         """Keep the k largest per token (TopK) or n*k largest over the batch (BatchTopK)."""
         k = self.cfg.k
         if self.cfg.batch_topk:
-            flat = pre.flatten()
-            vals, idx = flat.topk(k * pre.shape[0], sorted=False)
-            return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
+            rows, cols, vals = self.select(pre)
+            return torch.zeros_like(pre).index_put((rows, cols), vals)
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, vals)
 
@@ -129,6 +149,72 @@ class SparseCoder(nn.Module):
         return loss, stats
 
     @torch.no_grad()
+    def sparse_grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """The same loss as ``loss`` for BatchTopK transcoders, with hand-written gradients
+        that touch only the selected latents (sparse CSR products instead of four of the five
+        dense [n, d_sae] matmuls); sets ``.grad`` and returns the same statistics.
+
+        Checked against autograd on ``loss`` in tests/unit/test_dict_tooling_math.py.
+        """
+        assert self.cfg.batch_topk and not self.sae_input_bias
+        n, f = x.shape[0], self.cfg.d_sae
+        xs, ys = x * self.scale_in, y * self.scale_out
+        pre = self.pre_acts(xs)
+        rows, cols, vals = self.select(pre)
+        w_dec_t = self.W_dec.t().contiguous()
+        y_hat = _csr(rows, cols, vals, n, f) @ self.W_dec + self.b_dec
+        err = ys - y_hat
+        mse = err.pow(2).sum(-1).mean()
+        total_var = (ys - ys.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-6)
+        g_w_enc = torch.zeros_like(self.W_enc).t().contiguous()  # [d_sae, d_in]
+        g_b_enc = torch.zeros_like(self.b_enc)
+        g_w_dec = torch.zeros_like(self.W_dec)
+
+        def backprop(r: Tensor, c: Tensor, v: Tensor, g_out: Tensor) -> None:
+            """Accumulate grads for output grad ``g_out`` [n, d_out] of sum_j v_j W_dec[c_j]."""
+            g_w_dec.add_(_csr_t(r, c, v, n, f) @ g_out)
+            pattern = _csr(r, c, torch.ones_like(v), n, f)
+            g_v = torch.sparse.sampled_addmm(pattern, g_out, w_dec_t, beta=0.0).values()
+            g_v = g_v * (v > 0)  # ReLU
+            g_w_enc.add_(_csr_t(r, c, g_v, n, f) @ xs)
+            g_b_enc.index_add_(0, c, g_v)
+
+        g_y = -2.0 * err / n
+        backprop(rows, cols, vals, g_y)
+        g_b_dec = g_y.sum(0)
+        self.since_fired += n
+        self.since_fired[cols] = 0
+        if vals.numel():
+            b = self.cfg.threshold_beta
+            lo = vals.min()
+            new = lo if float(self.threshold) == 0.0 else b * self.threshold + (1 - b) * lo
+            self.threshold.copy_(new)
+        dead = self.since_fired > self.cfg.dead_tokens
+        n_dead, aux_val = int(dead.sum()), 0.0
+        if n_dead:
+            k_aux = min(self.cfg.k_aux, n_dead)
+            a_vals, a_idx = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+            a_idx, order = a_idx.sort(dim=-1)
+            a_vals = a_vals.gather(-1, order)
+            a_rows = torch.arange(n).repeat_interleave(k_aux)
+            a_cols, a_vals = a_idx.flatten(), a_vals.flatten()
+            e_hat = _csr(a_rows, a_cols, a_vals, n, f) @ self.W_dec
+            resid = err - e_hat
+            aux_val = float(resid.pow(2).sum(-1).mean() / total_var)
+            backprop(a_rows, a_cols, a_vals, -2.0 * resid / n * (self.cfg.aux_coef / total_var))
+        # grads in their parameter's memory layout (W_enc may be a transposed clone): fused Adam
+        # walks param and grad storage in step
+        for param, grad in ((self.W_enc, g_w_enc.t()), (self.b_enc, g_b_enc),
+                            (self.W_dec, g_w_dec), (self.b_dec, g_b_dec)):  # fmt: skip
+            param.grad = torch.empty_like(param).copy_(grad)
+        return {
+            "fvu": float(mse / total_var),
+            "l0": rows.numel() / n,
+            "dead": n_dead / f,
+            "aux": aux_val,
+        }
+
+    @torch.no_grad()
     def after_step(self) -> None:
         self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
@@ -160,13 +246,31 @@ class SparseCoder(nn.Module):
         return out
 
 
+def _csr(rows: Tensor, cols: Tensor, vals: Tensor, n: int, f: int) -> Tensor:
+    """[n, f] CSR from row-sorted coordinates."""
+    crow = torch.zeros(n + 1, dtype=torch.long)
+    crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    return torch.sparse_csr_tensor(crow, cols, vals, (n, f), check_invariants=False)
+
+
+def _csr_t(rows: Tensor, cols: Tensor, vals: Tensor, n: int, f: int) -> Tensor:
+    """The transpose [f, n] of the same coordinates, as CSR."""
+    order = torch.argsort(cols, stable=True)
+    return _csr(cols[order], rows[order], vals[order], f, n)
+
+
 class CoderTrainer:
     """One coder, its Adam state and its LR schedule (warm-up, flat, linear decay)."""
 
     def __init__(self, cfg: CoderConfig, total_steps: int, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.coder = SparseCoder(cfg, gen)
-        self.opt = torch.optim.Adam(self.coder.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.opt = torch.optim.Adam(
+            self.coder.parameters(),
+            lr=cfg.lr,
+            betas=(0.9, 0.999),
+            fused=True if cfg.fused_adam else None,
+        )
         self.total_steps = total_steps
         self.step = 0
 
@@ -184,9 +288,12 @@ class CoderTrainer:
             self.coder.init_from(x, y)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
-        loss, stats = self.coder.loss(x, y)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.coder.cfg.sparse_backward:
+            stats = self.coder.sparse_grads(x, y)
+        else:
+            loss, stats = self.coder.loss(x, y)
+            loss.backward()
         self.coder.remove_parallel_grad()
         self.opt.step()
         self.coder.after_step()

@@ -38,7 +38,7 @@ import logging
 import re
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +153,21 @@ class FeatureCatalog:
                 if entry.metadata is not None:
                     paths[entry.id] = entry.metadata
         return cls(engine, paths, logits_k=config.feature_logits_k)
+
+    def label(self, ref: domain.FeatureRef) -> str:
+        """The feature's catalog label; "" when its dictionary has no metadata."""
+        meta = self.metadata.get(ref.dictionary_id)
+        if meta is None or not 0 <= ref.index < meta.d_sae:
+            return ""
+        return str(meta.arrays()["labels"][ref.index])
+
+    def label_graph(self, result: domain.AttributionResult) -> domain.AttributionResult:
+        """The same result with every FEATURE node labelled from the catalog."""
+        nodes = tuple(
+            replace(n, label=self.label(n.feature)) if n.feature is not None else n
+            for n in result.nodes
+        )
+        return replace(result, nodes=nodes)
 
     # -- validation (cheap, on the event loop, before any cache lookup)
     def dictionary(

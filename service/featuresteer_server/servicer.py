@@ -4,14 +4,15 @@ Imports no torch; errors are raised as domain exceptions and mapped by the inter
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from featuresteer.v1 import featuresteer_pb2 as pb
 from featuresteer.v1 import featuresteer_pb2_grpc as pb_grpc
-from featuresteer_server import __version__, convert, jobs
+from featuresteer_server import __version__, convert, domain, jobs
 from featuresteer_server.cache import FeatureCache
 from featuresteer_server.errors import Cancelled, InvalidArgument, Unavailable
 
@@ -111,9 +112,15 @@ class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
             request, self.state.limits, cfg.attribution_batch_size
         )
         engine = self.state.require_engine()
-        job = self.state.jobs.submit(
-            lambda progress, cancel: engine.attribute(req, progress, cancel)
-        )
+        catalog = self.state.require_catalog()
+
+        async def work(
+            progress: Callable[[str, float], None], cancel: threading.Event
+        ) -> domain.AttributionResult:
+            result = await engine.attribute(req, progress, cancel)
+            return catalog.label_graph(result)
+
+        job = self.state.jobs.submit(work)
         finished = False
         try:
             yield pb.AttributeResponse(job_id=job.id)

@@ -114,3 +114,22 @@ def test_stored_top_examples_replay(model) -> None:
             # SAE metadata was computed from float16-cached activations: allow 3%.
             assert float(a) == pytest.approx(float(meta["top_max"][f, 0]), rel=0.03), (e["id"], f)
             assert torch.isfinite(a)
+
+
+def test_transcoder_training_taps_match_hooked_engine(model) -> None:
+    """Transcoders train on plain-transformers captures; they must equal the engine's hooks."""
+    import torch
+
+    from featuresteer_dicts.activations import load_hf_model, mlp_pairs, run_hooks
+    from featuresteer_dicts.common import N_LAYERS, tc_hooks
+    from featuresteer_dicts.corpus import eval_windows
+
+    windows = eval_windows(2 * 127)[:2]
+    hooks = [h for layer in range(N_LAYERS) for h in tc_hooks(layer)]
+    ours = mlp_pairs(load_hf_model(torch.get_num_threads()), windows)
+    theirs = run_hooks(model, windows, hooks)
+    assert sorted(ours) == sorted(hooks)
+    for h in hooks:
+        want = theirs[h].reshape(-1, theirs[h].shape[-1])
+        assert ours[h].shape == want.shape, h
+        assert torch.allclose(ours[h], want, rtol=1e-5, atol=1e-4), h

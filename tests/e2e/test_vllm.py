@@ -303,3 +303,26 @@ def test_cancel_aborts_and_next_request_is_served(h: Harness) -> None:
     assert n == 3
     assert nxt[-1].finish_reason is not None
     assert h.vllm.llm.output_processor.get_num_unfinished_requests() == 0
+
+
+def test_deadline_aborts_and_next_request_is_served(h: Harness) -> None:
+    """A gRPC deadline cancels the handler task mid-stream (not ``aclose``): the vLLM request
+    must still be aborted and its slot freed."""
+    seen: list[Any] = []
+
+    async def consume() -> None:
+        req = domain.GenerateRequest(prompt="Count: 1, 2,", max_new_tokens=400)
+        async for chunk in h.vllm.generate(req):
+            seen.append(chunk)
+
+    async def go() -> list[Any]:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(consume(), timeout=3.0)
+        await asyncio.sleep(0.5)
+        assert h.vllm.llm.output_processor.get_num_unfinished_requests() == 0
+        return await h.collect(domain.GenerateRequest(prompt="Hello", max_new_tokens=4))
+
+    nxt = h.run(go())
+    assert seen and all(c.finish_reason is None for c in seen)  # cut off mid-stream
+    assert nxt[-1].finish_reason is not None and nxt[-1].usage.completion_tokens >= 1
+    assert h.vllm.llm.output_processor.get_num_unfinished_requests() == 0

@@ -309,3 +309,31 @@ def test_validation_names_the_field(engine) -> None:  # type: ignore[no-untyped-
     assert req.token_id == 0 and req.query is None and req.limit == 20
     with pytest.raises(InvalidArgument, match="feature"):
         convert.get_feature_request_from_pb(pb.GetFeatureRequest())
+
+
+def test_graph_feature_nodes_get_catalog_labels(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arrays = write_features_npz(tmp_path / "tc.npz", engine.dictionaries[TC].d_sae, seed=5)
+    catalog = FeatureCatalog(engine, {TC: tmp_path / "tc.npz"})
+
+    def node(kind: str, ref: domain.FeatureRef | None) -> domain.GraphNode:
+        return domain.GraphNode(kind, 0, 1, ref, 1.0, 0.5, "", 0, 0.0, 0.0)
+
+    result = domain.AttributionResult(
+        tokens=(),
+        provenance=engine.provenance([]),
+        nodes=(
+            node("embedding", None),
+            node("feature", domain.FeatureRef(TC, 5)),
+            node("feature", domain.FeatureRef(TC, 11)),
+            node("feature", domain.FeatureRef(SAE, 3)),  # no metadata for this one
+        ),
+    )
+    labelled = catalog.label_graph(result)
+    assert [n.label for n in labelled.nodes] == [
+        "",
+        str(arrays["labels"][5]),
+        str(arrays["labels"][11]),
+        "",
+    ]
+    assert str(arrays["labels"][5])  # the synthetic labels are not empty
+    assert [n.feature for n in labelled.nodes] == [n.feature for n in result.nodes]

@@ -24,19 +24,17 @@ def graph_result(
     graph: Any,
     tokens: tuple[Token, ...],
     provenance: domain.Provenance,
-    labels: dict[tuple[str, int], str] | None = None,
 ) -> domain.AttributionResult:
     """Nodes keep their order (Edge source/target index them); FEATURE nodes get a FeatureRef
-    pinned to the transcoder's fingerprint, and a label when the catalog has one."""
+    pinned to the transcoder's fingerprint. Labels come later, from the feature catalog
+    (``FeatureCatalog.label_graph``): the engine does not read metadata."""
     fps = provenance.dictionary_fingerprints
     nodes = []
     for n in graph.nodes:
         kind = _KINDS[n.kind.name]
         ref = None
-        label = ""
         if kind == "feature":
             ref = domain.FeatureRef(n.dictionary_id, int(n.feature), fps.get(n.dictionary_id))
-            label = (labels or {}).get((n.dictionary_id, int(n.feature)), "")
         nodes.append(
             domain.GraphNode(
                 kind=kind,
@@ -45,7 +43,7 @@ def graph_result(
                 feature=ref,
                 activation=float(n.activation),
                 influence=float(n.influence),
-                label=label,
+                label="",
                 token_id=max(int(n.token_id), 0),
                 probability=float(n.probability),
                 constant=float(n.constant),
