@@ -1,7 +1,9 @@
 """Benchmark: attribution graphs, featuresteer vs circuit-tracer 0.5.0, interleaved.
 
 Same model (the default SmolLM2-135M-Instruct, float32), same per-layer transcoders
-(random ReLU, 576 -> 2304, written once and loaded by both), same tokens, thresholds
+(``--transcoders shipped``: the catalog's trained JumpReLU transcoders; ``random``: random
+ReLU, 576 -> 2304; written once in circuit-tracer's layout and loaded by both), same tokens,
+thresholds
 (0.8 / 0.98), max_feature_nodes (500) and backward batch (64). Each measurement runs in
 its own process so that peak RSS is that run's alone; the two implementations alternate
 (ours first on even repeats, circuit-tracer first on odd ones) so that background load on
@@ -9,7 +11,8 @@ a shared machine hits both alike. LOGIT_RANKING's time is measured in our worker
 
 Usage:
     PYTHONPATH=service .venv/bin/python benchmarks/bench_attribution.py \
-        [--sizes 16,32,64] [--repeats 1] [--threads 1] [--json out.json]
+        [--sizes 16,32,64] [--repeats 1] [--threads 1] [--transcoders shipped|random]
+        [--json out.json]
 
 Reported per run: wall time of the attribution call (model loading excluded), peak RSS of
 the whole process (model, transcoders and attribution), and the RSS before the call.
@@ -38,21 +41,27 @@ D_SAE = 2304
 SEED = 0
 
 
+def load_transcoders(kind: str, n_layers: int, d_model: int) -> list[Any]:
+    from featuresteer_server.attribution.testing import random_transcoders
+    from tests.reference.parity import shipped_transcoders
+
+    if kind == "shipped":
+        return shipped_transcoders(n_layers)
+    return random_transcoders(n_layers, d_model, D_SAE, density=DENSITY, seed=SEED)
+
+
 def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
     from featuresteer_server.attribution import attribute, logit_ranking
-    from featuresteer_server.attribution.testing import random_transcoders
     from featuresteer_server.models import build_hooked, load_hf, prepare_default_model
 
     t = time.perf_counter()
     hf, tok = load_hf(prepare_default_model(), torch.float32)
     model = build_hooked(hf, tok, torch.float32)
     del hf
-    tcs = random_transcoders(
-        model.cfg.n_layers, model.cfg.d_model, D_SAE, density=DENSITY, seed=SEED
-    )
+    tcs = load_transcoders(args.transcoders, model.cfg.n_layers, model.cfg.d_model)
     load_s = time.perf_counter() - t
     tokens = [int(x) for x in args.tokens.split(",")]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -91,6 +100,7 @@ def main() -> None:
     ap.add_argument("--max-feature-nodes", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--skip-reference", action="store_true", help="ours only")
+    ap.add_argument("--transcoders", choices=["shipped", "random"], default="shipped")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
     ap.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -105,7 +115,6 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from featuresteer_server.attribution import export_transcoder_set
-    from featuresteer_server.attribution.testing import random_transcoders
     from featuresteer_server.models import prepare_default_model
     from tests.reference.parity import ct_model_dir, ensure_env, prompt_tokens
 
@@ -119,7 +128,7 @@ def main() -> None:
             ct_python = ensure_env()
             ct_dir = ct_model_dir(src)
             d_model = 576
-            tcs = random_transcoders(30, d_model, D_SAE, density=DENSITY, seed=SEED)
+            tcs = load_transcoders(args.transcoders, 30, d_model)
             ct_cfg = export_transcoder_set(tcs, Path(tmp) / "tc", scan="bench")
             del tcs
         for n in sizes:
@@ -134,7 +143,8 @@ def main() -> None:
                 for impl in order:
                     if impl == "ours":
                         cmd = [sys.executable, __file__, "--worker", "ours",
-                               "--tokens", ",".join(map(str, tokens)), *common]  # fmt: skip
+                               "--tokens", ",".join(map(str, tokens)), *common,
+                               "--transcoders", args.transcoders]  # fmt: skip
                         out = run_worker(cmd)
                     elif ct_python is not None:
                         res = Path(tmp) / f"ct-{n}-{rep}.pt"

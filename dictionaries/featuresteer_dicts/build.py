@@ -29,6 +29,7 @@ from featuresteer_dicts.common import (
     D_MODEL,
     EVAL_TOKENS,
     MODEL_NAME,
+    MODEL_SHORT,
     N_LAYERS,
     SAE_FAMILY,
     SAE_LAYERS,
@@ -36,7 +37,6 @@ from featuresteer_dicts.common import (
     TC_FAMILY,
     VERSION,
     Progress,
-    artifact_rel,
     dict_id,
     repo_dict_root,
     sae_hook,
@@ -313,41 +313,22 @@ def write_catalog(progress: Progress) -> Path:
 
 
 def export_circuit_tracer(progress: Progress, out: Path) -> Path:
-    """circuit-tracer's per-layer layout: layer_{i}.safetensors + config.yaml.
+    """The shipped transcoders in circuit-tracer's per-layer layout (layer_{i}.safetensors +
+    config.yaml), written by the service's exporter from the loaded SAELens directories (the
+    same code the parity test and the attribution benchmark use)."""
+    from featuresteer_server.attribution import export_transcoder_set
+    from featuresteer_server.dictionaries import load_dictionary
 
-    circuit-tracer stores W_enc as [d_transcoder, d_model] and the JumpReLU threshold under
-    ``activation_function.threshold``; its hooks are per-block suffixes.
-    """
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    tcs = []
     for layer in range(N_LAYERS):
         src = tc_dir(layer)
         if not (src / WEIGHTS).exists():
             raise FileNotFoundError(f"{src} is missing: train the transcoders first")
-        w = load_file(str(src / WEIGHTS))
-        ct = {
-            "W_enc": w["W_enc"].t().contiguous(),
-            "W_dec": w["W_dec"].contiguous(),
-            "b_enc": w["b_enc"],
-            "b_dec": w["b_dec"],
-            "activation_function.threshold": w["threshold"],
-        }
-        dst = out / f"layer_{layer}.safetensors"
-        save_file(ct, str(dst))
-        paths.append(dst.name)
-    lines = [
-        f'model_name: "{MODEL_NAME}"',
-        "model_kind: transcoder_set",
-        f'scan: "featuresteer/{artifact_rel(TC_FAMILY, "all")}"',
-        'feature_input_hook: "ln2.hook_normalized"',
-        'feature_output_hook: "hook_mlp_out"',
-        "transcoders:",
-        *[f'  - "{p}"' for p in paths],
-    ]
-    (out / "config.yaml").write_text("\n".join(lines) + "\n")
-    progress(f"wrote circuit-tracer transcoder set to {out}")
+        tcs.append(load_dictionary(src, dictionary_id=dict_id(TC_FAMILY, tc_hooks(layer)[0])))
+    config = export_transcoder_set(
+        tcs, out, scan=f"featuresteer/{MODEL_SHORT}/{TC_FAMILY}/{VERSION}"
+    )
+    progress(f"wrote circuit-tracer transcoder set to {config.parent}")
     return out
 
 

@@ -14,9 +14,16 @@ from tests.reference.parity import run_parity
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["relu", "skip"])
-def test_parity_with_circuit_tracer(skip: bool) -> None:
-    report = run_parity(n_tokens=8, max_feature_nodes=200, batch_size=64, skip=skip)
+@pytest.mark.parametrize(
+    ("skip", "shipped"),
+    [(False, False), (True, False), (False, True)],
+    ids=["relu", "skip", "shipped"],
+)
+def test_parity_with_circuit_tracer(skip: bool, shipped: bool) -> None:
+    """Random ReLU and skip transcoders, and the catalog's trained JumpReLU transcoders."""
+    report = run_parity(
+        n_tokens=8, max_feature_nodes=200, batch_size=64, skip=skip, shipped=shipped
+    )
     assert report["active_identical"], report
     assert report["logits_identical"], report
     assert report["logit_prob_max_abs"] <= 1e-4, report

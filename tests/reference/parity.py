@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 PROMPT = "The capital of France is Paris, and the capital of Germany is Berlin. The"
 
 
@@ -245,6 +246,25 @@ def compare_json(ours: Any, ref_json: dict[str, Any], tok: Any) -> dict[str, Any
     }
 
 
+def shipped_transcoders(n_layers: int) -> list[Any]:
+    """The catalog's trained per-layer transcoders (``dictionaries/catalog.json``), by layer.
+
+    Raises:
+        FileNotFoundError: the catalog lacks a transcoder for some layer.
+    """
+    from featuresteer_server.dictionaries import load_catalog
+    from featuresteer_server.dictionaries.loading import load_catalog_entry
+
+    by_layer: dict[int, Any] = {}
+    for entry in load_catalog(ROOT / "dictionaries" / "catalog.json"):
+        if entry.hook_name_out and entry.hook_name_out != entry.hook_name:
+            by_layer[int(entry.hook_name_out.split(".")[1])] = load_catalog_entry(entry)
+    missing = [layer for layer in range(n_layers) if layer not in by_layer]
+    if missing:
+        raise FileNotFoundError(f"no shipped transcoder for layers {missing}")
+    return [by_layer[layer] for layer in range(n_layers)]
+
+
 def run_parity(
     n_tokens: int = 8,
     max_feature_nodes: int = 200,
@@ -253,7 +273,9 @@ def run_parity(
     density: float = 0.01,
     skip: bool = False,
     seed: int = 0,
+    shipped: bool = False,
 ) -> dict[str, Any]:
+    """``shipped``: the catalog's trained JumpReLU transcoders instead of random ones."""
     torch.set_num_threads(1)
     from featuresteer_server.attribution import attribute, export_transcoder_set
     from featuresteer_server.attribution.testing import random_transcoders
@@ -263,9 +285,12 @@ def run_parity(
     env_s = time.perf_counter() - t0
     model, tok, src = load_model()
     tokens = prompt_tokens(tok, n_tokens)
-    tcs = random_transcoders(
-        model.cfg.n_layers, model.cfg.d_model, 2304, density=density, skip=skip, seed=seed
-    )
+    if shipped:
+        tcs = shipped_transcoders(model.cfg.n_layers)
+    else:
+        tcs = random_transcoders(
+            model.cfg.n_layers, model.cfg.d_model, 2304, density=density, skip=skip, seed=seed
+        )
     with tempfile.TemporaryDirectory(prefix="fs-parity-") as tmp:
         cfg = export_transcoder_set(tcs, Path(tmp) / "transcoders", scan="parity")
         t1 = time.perf_counter()
@@ -302,9 +327,12 @@ def main() -> None:
     ap.add_argument("--max-feature-nodes", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--skip", action="store_true", help="skip transcoders (W_skip)")
+    ap.add_argument("--shipped", action="store_true", help="the catalog's trained transcoders")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    report = run_parity(args.n_tokens, args.max_feature_nodes, args.batch_size, skip=args.skip)
+    report = run_parity(
+        args.n_tokens, args.max_feature_nodes, args.batch_size, skip=args.skip, shipped=args.shipped
+    )
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

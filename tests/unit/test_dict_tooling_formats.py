@@ -81,5 +81,10 @@ def test_circuit_tracer_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert layer0["W_enc"].shape == (32, 8) and layer0["W_dec"].shape == (32, 8)
     assert "activation_function.threshold" in layer0
     text = (out / "config.yaml").read_text()
-    assert "model_kind: transcoder_set" in text and '"layer_1.safetensors"' in text
-    assert 'feature_input_hook: "ln2.hook_normalized"' in text
+    assert "model_kind: transcoder_set" in text
+    assert "feature_input_hook: ln2.hook_normalized" in text
+    listed = [line.split("- ", 1)[1] for line in text.splitlines() if line.startswith("  - ")]
+    assert listed == [str((out / f"layer_{i}.safetensors").resolve()) for i in range(2)]
+    src = load_file(str(build.tc_dir(0) / "sae_weights.safetensors"))
+    assert torch.equal(layer0["W_enc"], src["W_enc"].float().t())
+    assert torch.equal(layer0["activation_function.threshold"], src["threshold"].float())
