@@ -65,7 +65,7 @@ def dictionary_info_to_pb(d: domain.DictionaryInfo) -> pb.DictionaryInfo:
         fingerprint=d.fingerprint,
         architecture=d.architecture,
         hook_name=d.hook_name,
-        hook_name_out=d.hook_name_out,
+        hook_name_out=d.hook_name_out if d.is_transcoder else "",
         d_in=d.d_in,
         d_sae=d.d_sae,
         source=d.source,

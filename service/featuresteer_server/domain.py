@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from featuresteer_server.dictionaries.info import DictionaryInfo as DictionaryInfo  # re-exported
 from featuresteer_server.tokenization import Token
 
 
@@ -42,25 +43,6 @@ class ModelInfo:
     bos_token_id: int
     source: str
     hook_names: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class DictionaryInfo:
-    id: str
-    fingerprint: str
-    architecture: str
-    hook_name: str
-    hook_name_out: str
-    d_in: int
-    d_sae: int
-    source: str
-    version: str
-    description: str = ""
-    k: int | None = None
-    l0: float | None = None
-    fvu: float | None = None
-    dead_fraction: float | None = None
-    ce_loss_delta: float | None = None
 
 
 @dataclass(frozen=True)

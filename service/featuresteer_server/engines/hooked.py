@@ -45,32 +45,6 @@ def hook_layer(hook_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def dictionary_info(d: Any) -> domain.DictionaryInfo:
-    metrics = getattr(d, "metrics", None) or {}
-
-    def metric(name: str) -> float | None:
-        v = metrics.get(name)
-        return float(v) if v is not None else None
-
-    return domain.DictionaryInfo(
-        id=d.id,
-        fingerprint=d.fingerprint,
-        architecture=d.architecture,
-        hook_name=d.hook_name,
-        hook_name_out=d.hook_name_out if d.is_transcoder else "",
-        d_in=int(d.d_in),
-        d_sae=int(d.d_sae),
-        source=str(d.source),
-        version=str(getattr(d, "version", "")),
-        description=str(getattr(d, "description", "")),
-        k=getattr(d, "k", None),
-        l0=metric("l0"),
-        fvu=metric("fvu"),
-        dead_fraction=metric("dead_fraction"),
-        ce_loss_delta=metric("ce_loss_delta"),
-    )
-
-
 class HookedEngine(Engine):
     name = "hooked"
 
@@ -158,7 +132,7 @@ class HookedEngine(Engine):
                 source=self.source,
                 hook_names=self.hook_names,
             ),
-            dictionaries=tuple(dictionary_info(d) for d in self.dictionaries.values()),
+            dictionaries=tuple(d.info() for d in self.dictionaries.values()),
             engines=self.engines,
             generation_engine=self.generation_engine,
         )
