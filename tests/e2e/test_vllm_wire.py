@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from featuresteer_server import domain, interventions
+from featuresteer_server import domain, generation, interventions
 from featuresteer_server.engines.vllm import wire
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
@@ -62,3 +62,16 @@ def test_cache_salt() -> None:
     only_all = items()[:1]
     spec1 = interventions.compile_steering(only_all, dicts, hook_names=HOOKS, d_model=8)
     assert wire.cache_salt(spec1, only_all, 10) == wire.cache_salt(spec1, only_all, 11)
+
+
+def test_trace_payload_round_trip() -> None:
+    d = _Dict()
+    plan = generation.TracePlan(dictionary=d, top_k=5, features=(3, 7))
+    payload = json.loads(json.dumps(wire.encode_trace(plan, "fs-abc")))
+    assert payload["key"] == "fs-abc"
+    again = wire.decode_trace(payload, {"d@v1": d})
+    assert again == plan
+    with pytest.raises(RuntimeError):  # the worker holds a different dictionary
+        wire.decode_trace({**payload, "fingerprint": "0" * 16}, {"d@v1": d})
+    with pytest.raises(ValueError):
+        wire.decode_trace({**payload, "features": [32]}, {"d@v1": d})

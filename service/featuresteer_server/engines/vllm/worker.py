@@ -30,9 +30,20 @@ ops that work in place):
 An edit of a sum-valued hook writes the edited rows as (hidden = x', residual = 0), so the
 next fused add yields x' exactly; rows of other requests are never written.
 
-Unsteered rows: when no request of a step is steered the hooks return at once; otherwise
-only the steered rows are overwritten, so unsteered rows are bit-identical to the same batch
-with the hooks disabled (``fs_set_enabled(False)``, used by the tests).
+Per-token trace: a request whose ``extra_args[wire.TRACE_KEY]`` names a dictionary (steered or
+not) has its rows at positions >= its prompt length read, PRE-edit, at that dictionary's input
+hook (the same capture point steering reads use: a transcoder at ``ln2.hook_normalized``),
+encoded in float32 with the worker's copy of the dictionary and reported by
+``generation.TracePlan.report``; the result waits in ``{key: {position: pairs}}`` until the
+engine takes it with ``fs_pop_traces`` (a token's trace exists once the token is fed back in,
+i.e. once the next token of its request has been sampled). ``key`` is the engine's request id,
+sent in the payload: vLLM gives each request an internal id (the engine's plus a random
+suffix), which is what the runner shows here. Trace reads never write a row.
+
+Unsteered rows: when no request of a step is steered or traced the hooks return at once, and
+each hook returns at once unless a group reads or edits it or a trace reads it; otherwise only
+the steered rows are overwritten, so unsteered rows are bit-identical to the same batch with
+the hooks disabled (``fs_set_enabled(False)``, used by the tests).
 
 Must not: import the engine, gRPC or asyncio; raise out of a hook for one bad request (a
 spec that fails to compile here marks the request and leaves it unsteered; the engine
@@ -67,9 +78,36 @@ class _Group:
 
 
 @dataclass
+class _TraceRead:
+    """Rows of one forward at positions >= their prompt length, of the traced requests that
+    trace one dictionary (one encoding for all of them, one report per request)."""
+
+    hook: str  # the dictionary's input hook
+    dictionary: Any
+    rows: Tensor  # [n] int64 row indices into the flattened batch
+    positions: list[int]  # [n] absolute positions
+    owners: list[tuple[_TraceStore, int, int]]  # (request, start, end): slices of rows
+
+
+@dataclass
+class _TraceStore:
+    """One traced request: its plan and the reports captured until the engine pops them."""
+
+    req_id: str  # vLLM's internal id (the runner's key)
+    plan: Any  # generation.TracePlan on the worker's copy of the dictionary
+    rows: dict[int, list[Any]] = field(default_factory=dict)  # position -> [[index, act]...]
+    touched: float = field(default_factory=time.monotonic)
+
+
+@dataclass
 class _Step:
     groups: list[_Group]
+    traces: list[_TraceRead] = field(default_factory=list)
+    hooks: frozenset[str] = frozenset()  # every hook a group reads/edits or a trace reads
     resid_pre: dict[int, Tensor] = field(default_factory=dict)  # layer -> [T, d] (steered only)
+
+
+TRACE_TTL_S = 120.0  # traces of a request gone from the runner that nobody popped are dropped
 
 
 class SteeringWorkerExtension:
@@ -116,15 +154,41 @@ class SteeringWorkerExtension:
         }
 
     def fs_set_enabled(self, enabled: bool) -> bool:
-        """Turn every hook into a no-op (False) or back on; returns the previous state."""
+        """Turn every hook (steering and trace) into a no-op (False) or back on; returns the
+        previous state."""
         fs = self._fs()
         prev = bool(fs["enabled"])
         fs["enabled"] = bool(enabled)
         return prev
 
     def fs_stats(self) -> dict[str, Any]:
-        """Counters since start or the last ``fs_reset_stats``."""
-        return dict(self._fs()["stats"])
+        """Counters since start or the last ``fs_reset_stats``, and two gauges of trace state
+        held now: ``trace_requests_stored`` (traced requests the engine has not closed) and
+        ``trace_plans_cached`` (cached per-request plans that include a trace)."""
+        fs = self._fs()
+        out = dict(fs["stats"])
+        out["trace_requests_stored"] = len(fs["traces"])
+        out["trace_plans_cached"] = sum(1 for _, t in fs["specs"].values() if t is not None)
+        return out
+
+    def fs_pop_traces(self, keys: list[str], final: bool = False) -> dict[str, list[Any]]:
+        """Return and clear the traces captured so far for ``keys`` (the engine's request
+        ids): {key: [[position, [[index, activation], ...]], ...]} (plain lists: the reply
+        crosses processes as msgpack). ``final``: the request is over (finished or aborted):
+        everything of it is dropped, nothing stays in the worker."""
+        fs = self._fs()
+        out: dict[str, list[Any]] = {}
+        for key in keys:
+            st: _TraceStore | None = fs["traces"].get(key)
+            if st is None:
+                continue
+            if st.rows:
+                out[key] = [[p, pairs] for p, pairs in sorted(st.rows.items())]
+                st.rows = {}
+            if final:
+                del fs["traces"][key]
+                fs["specs"].pop(st.req_id, None)
+        return out
 
     def fs_reset_stats(self) -> None:
         self._fs()["stats"] = _zero_stats()
@@ -149,7 +213,9 @@ class SteeringWorkerExtension:
             state = {
                 "enabled": True,
                 "handles": [],
-                "specs": {},  # req_id -> SteeringSpec | None (None: unsteered/failed)
+                # req_id -> (SteeringSpec | None, _TraceStore | None): None = unsteered/untraced
+                "specs": {},
+                "traces": {},  # key (the engine's request id) -> _TraceStore
                 "step": None,
                 "stats": _zero_stats(),
                 "capture": None,
@@ -181,12 +247,13 @@ class SteeringWorkerExtension:
             handles.append(block.mlp.register_forward_hook(self._fs_mlp(layer)))
             handles.append(block.register_forward_hook(self._fs_layer_post(layer)))
 
-    def _fs_spec(self, req_id: str, state: Any) -> Any:
-        """The compiled spec of one request (None: unsteered), compiled once."""
+    def _fs_request(self, req_id: str, state: Any) -> tuple[Any, Any]:
+        """(compiled spec or None: unsteered, _TraceStore or None: untraced) of one request,
+        built once."""
         fs = self._fs()
         specs = fs["specs"]
         if req_id in specs:
-            return specs[req_id]
+            return specs[req_id]  # type: ignore[no-any-return]
         spec = None
         params = getattr(state, "sampling_params", None)
         extra = getattr(params, "extra_args", None) or {}
@@ -204,8 +271,21 @@ class SteeringWorkerExtension:
                 log.exception("request %s: steering spec failed to compile in the worker", req_id)
                 fs["stats"]["spec_errors_total"] += 1
                 spec = None
-        specs[req_id] = spec
-        return spec
+        trace = None
+        trace_payload = extra.get(wire.TRACE_KEY)
+        if trace_payload:
+            try:
+                plan = wire.decode_trace(trace_payload, fs["dictionaries"])
+                key = str(trace_payload.get("key") or req_id)
+                trace = fs["traces"].get(key)  # kept if the request comes back (preemption)
+                if trace is None:
+                    trace = fs["traces"][key] = _TraceStore(req_id=req_id, plan=plan)
+                trace.req_id = req_id
+            except Exception:  # noqa: BLE001 - one bad request must not stop the batch
+                log.exception("request %s: trace plan failed to decode in the worker", req_id)
+                fs["stats"]["trace_errors_total"] += 1
+        specs[req_id] = (spec, trace)
+        return spec, trace
 
     def _fs_on_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         fs = self._fs()
@@ -225,28 +305,38 @@ class SteeringWorkerExtension:
             live = set(runner.requests)
             for rid in [r for r in specs if r not in live]:
                 del specs[rid]
+        if fs["traces"]:  # requests the engine never closed (it always does; a backstop)
+            now = time.monotonic()
+            for key, st in list(fs["traces"].items()):
+                if st.req_id not in runner.requests and now - st.touched > TRACE_TTL_S:
+                    del fs["traces"][key]
+                    specs.pop(st.req_id, None)
         n = len(req_ids)
         qsl = runner.query_start_loc.cpu[: n + 1].tolist()
         if fs["capture"] is not None:
             fs["capture_rows"] = (req_ids, qsl, positions[: qsl[-1]].tolist())
         by_fp: dict[str, list[int]] = {}
         spec_of: dict[str, Any] = {}
+        traced: list[tuple[int, _TraceStore]] = []
         n_unsteered = 0
         for i, rid in enumerate(req_ids):
-            spec = self._fs_spec(rid, runner.requests.get(rid))
+            spec, trace = self._fs_request(rid, runner.requests.get(rid))
+            if trace is not None:
+                traced.append((i, trace))
             if spec is None:
                 n_unsteered += 1
                 continue
             by_fp.setdefault(spec.fingerprint, []).append(i)
             spec_of[spec.fingerprint] = spec
-        if not by_fp:
+        if not by_fp and not traced:
             return
-        stats["steered_steps_total"] += 1
-        if len(by_fp) >= 2:
-            stats["mixed_spec_steps_total"] += 1
-        if n_unsteered:
-            stats["mixed_steered_unsteered_steps_total"] += 1
-        stats["max_specs_in_step"] = max(stats["max_specs_in_step"], len(by_fp))
+        if by_fp:
+            stats["steered_steps_total"] += 1
+            if len(by_fp) >= 2:
+                stats["mixed_spec_steps_total"] += 1
+            if n_unsteered:
+                stats["mixed_steered_unsteered_steps_total"] += 1
+            stats["max_specs_in_step"] = max(stats["max_specs_in_step"], len(by_fp))
         special_ids = fs["special_ids"]
         groups = []
         for fp, idxs in by_fp.items():
@@ -268,8 +358,74 @@ class SteeringWorkerExtension:
                     special=torch.isin(ids, special_ids),
                 )
             )
-        fs["step"] = _Step(groups=groups)
+        traces = self._fs_trace_reads(traced, req_ids, qsl, positions) if traced else []
+        if traces:
+            stats["traced_steps_total"] += 1
+        hooks = {h for g in groups for h in (*g.spec.read_hooks, *g.spec.edit_hooks)}
+        hooks |= {t.hook for t in traces}
+        if not hooks:
+            return  # traced requests with no generated row in this step (prefill)
+        fs["step"] = _Step(groups=groups, traces=traces, hooks=frozenset(hooks))
         stats["steered_rows_total"] += sum(len(g.rows) for g in groups)
+
+    def _fs_trace_reads(
+        self,
+        traced: list[tuple[int, _TraceStore]],
+        req_ids: list[str],
+        qsl: list[int],
+        positions: Tensor,
+    ) -> list[_TraceRead]:
+        """The rows of traced requests at positions >= their prompt length, grouped by the
+        traced dictionary."""
+        runner = self.model_runner  # type: ignore[attr-defined]
+        pos = positions[: qsl[-1]].to(torch.long).cpu()
+        by_dict: dict[str, tuple[Any, list[int], list[int], list[tuple[_TraceStore, int, int]]]]
+        by_dict = {}
+        for i, st in traced:
+            plen = len(runner.requests[req_ids[i]].prompt_token_ids or ())
+            a, b = qsl[i], qsl[i + 1]
+            keep = (pos[a:b] >= plen).nonzero().flatten()
+            if keep.numel() == 0:
+                continue
+            d = st.plan.dictionary
+            _, rows, ps, owners = by_dict.setdefault(d.id, (d, [], [], []))
+            start = len(rows)
+            rows.extend((keep + a).tolist())
+            ps.extend(pos[a:b][keep].tolist())
+            owners.append((st, start, len(rows)))
+        return [
+            _TraceRead(
+                hook=d.hook_name,
+                dictionary=d,
+                rows=torch.tensor(rows, dtype=torch.long),
+                positions=ps,
+                owners=owners,
+            )
+            for d, rows, ps, owners in by_dict.values()
+        ]
+
+    def _fs_trace_read(self, hook: str, x: Tensor) -> None:
+        """Encode the traced rows of ``x`` (pre-edit, at ``hook``) in float32 and store each
+        request's report by position. Only reads x."""
+        fs = self._fs()
+        step: _Step = fs["step"]
+        for tr in step.traces:
+            if tr.hook != hook:
+                continue
+            try:
+                d = tr.dictionary
+                rows = x.index_select(0, tr.rows.to(x.device))
+                acts = d.encode(rows.to(d.W_enc.device)).cpu()  # [n, d_sae] float32
+                now = time.monotonic()
+                for st, a, b in tr.owners:
+                    reports = st.plan.report(acts[a:b])
+                    for p, pairs in zip(tr.positions[a:b], reports, strict=True):
+                        st.rows[p] = [[i, v] for i, v in pairs]
+                    st.touched = now
+                fs["stats"]["trace_rows_total"] += len(tr.positions)
+            except Exception:  # noqa: BLE001 - never raise out of a hook
+                log.exception("trace of dictionary %s failed in the worker", tr.dictionary.id)
+                fs["stats"]["trace_errors_total"] += 1
 
     def _fs_process(self, hook: str, x: Tensor) -> dict[int, Tensor]:
         """Capture pre-edit rows at ``hook`` and edit them; returns {group index: [n, d] new
@@ -280,6 +436,8 @@ class SteeringWorkerExtension:
         out: dict[int, Tensor] = {}
         if step is None:
             return out
+        if step.traces:
+            self._fs_trace_read(hook, x)
         for gi, g in enumerate(step.groups):
             spec = g.spec
             reads = hook in spec.read_hooks
@@ -315,7 +473,9 @@ class SteeringWorkerExtension:
         step: _Step | None = self._fs()["step"]
         if step is None:
             return False
-        return any(h in g.spec.read_hooks for g in step.groups for h in hooks)
+        return any(h in g.spec.read_hooks for g in step.groups for h in hooks) or any(
+            t.hook in hooks for t in step.traces
+        )
 
     def _fs_edit_sum(
         self, hook: str, hidden: Tensor, residual: Tensor | None
@@ -339,8 +499,8 @@ class SteeringWorkerExtension:
         hook = f"blocks.{layer}.hook_resid_pre"
 
         def fn(module: Any, args: tuple[Any, ...]) -> Any:
-            fs = self._fs()
-            if fs["step"] is None:
+            step: _Step | None = self._fs()["step"]
+            if step is None or hook not in step.hooks:
                 return None
             positions, hidden, residual = args[0], args[1], args[2] if len(args) > 2 else None
             res = self._fs_edit_sum(hook, hidden, residual)
@@ -356,18 +516,17 @@ class SteeringWorkerExtension:
         norm_hook = f"blocks.{layer}.ln2.hook_normalized"
 
         def fn(module: Any, args: tuple[Any, ...]) -> Any:
-            fs = self._fs()
-            step: _Step | None = fs["step"]
-            if step is None:
+            step: _Step | None = self._fs()["step"]
+            if step is None or not (step.hooks & {attn_hook, mid_hook, norm_hook}):
                 return None
             attn, residual = args[0], args[1] if len(args) > 1 else None
             changed = False
-            new = self._fs_process(attn_hook, attn)
+            new = self._fs_process(attn_hook, attn) if attn_hook in step.hooks else {}
             if new:
                 attn, changed = attn.clone(), True
                 for gi, rows_new in new.items():
                     attn.index_copy_(0, step.groups[gi].rows, rows_new.to(attn.dtype))
-            res = self._fs_edit_sum(mid_hook, attn, residual)
+            res = self._fs_edit_sum(mid_hook, attn, residual) if mid_hook in step.hooks else None
             if res is not None:
                 (attn, residual), changed = res, True
             if self._fs_wants((norm_hook,)):
@@ -385,6 +544,8 @@ class SteeringWorkerExtension:
     def _fs_process_read_only(self, hook: str, x: Tensor) -> None:
         """Capture only (edits at this hook happen in the matching post-hook)."""
         step: _Step = self._fs()["step"]
+        if step.traces:
+            self._fs_trace_read(hook, x)
         for g in step.groups:
             if hook in g.spec.read_hooks:
                 g.captured[hook] = x.index_select(0, g.rows.to(x.device))
@@ -428,7 +589,7 @@ class SteeringWorkerExtension:
 
         def fn(module: Any, args: Any, out: Tensor) -> Any:
             step: _Step | None = self._fs()["step"]
-            if step is None:
+            if step is None or hook not in step.hooks:
                 return None
             new = self._fs_process(hook, out)
             if not new:
@@ -444,7 +605,8 @@ class SteeringWorkerExtension:
         hook = f"blocks.{layer}.hook_resid_post"
 
         def fn(module: Any, args: Any, out: Any) -> Any:
-            if self._fs()["step"] is None:
+            step: _Step | None = self._fs()["step"]
+            if step is None or hook not in step.hooks:
                 return None
             hidden, residual = out
             res = self._fs_edit_sum(hook, hidden, residual)
@@ -474,5 +636,8 @@ def _zero_stats() -> dict[str, Any]:
         "steered_rows_total": 0,
         "max_specs_in_step": 0,
         "spec_errors_total": 0,
+        "traced_steps_total": 0,
+        "trace_rows_total": 0,
+        "trace_errors_total": 0,
         "since": time.time(),
     }
