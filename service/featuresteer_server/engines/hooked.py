@@ -389,7 +389,7 @@ class HookedEngine(Engine):
         return self.plan_generate(req)
 
     def plan_generate(
-        self, req: domain.GenerateRequest, *, with_trace: bool = True
+        self, req: domain.GenerateRequest
     ) -> tuple[list[generation.RunPlan], domain.Provenance]:
         """The run plans (steered, then the baseline when asked) and provenance of a request,
         validated against this engine's dictionaries; the vLLM engine plans with it too."""
@@ -399,7 +399,7 @@ class HookedEngine(Engine):
             hook_names=self.steering_hooks(),
             d_model=int(self.model.cfg.d_model),
         )
-        trace = self._trace_plan(req.trace) if with_trace else None
+        trace = self._trace_plan(req.trace)
         prompt = self._prompt_ids(req)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         common = dict(
