@@ -156,11 +156,12 @@ def main() -> None:
                         out = run_worker(cmd, env)
                     else:
                         continue
-                    out.update(impl=impl, n_tokens=n, repeat=rep)
+                    out.update(impl=impl, n_tokens=n, repeat=rep, load_avg=os.getloadavg())
                     results.append(out)
                     print(
                         f"{impl:15s} n={n:3d} rep={rep} wall={out['wall_s']:7.2f}s "
-                        f"peak_rss={out['peak_rss_mib']:7.0f} MiB",
+                        f"peak_rss={out['peak_rss_mib']:7.0f} MiB "
+                        f"load={out['load_avg'][0]:.1f}",
                         flush=True,
                     )
     print()
