@@ -132,4 +132,7 @@ def test_transcoder_training_taps_match_hooked_engine(model) -> None:
     for h in hooks:
         want = theirs[h].reshape(-1, theirs[h].shape[-1])
         assert ours[h].shape == want.shape, h
-        assert torch.allclose(ours[h], want, rtol=1e-5, atol=1e-4), h
+        # float32 through different kernels (HF sdpa vs TL einsum): errors scale with the
+        # hook's magnitude (measured worst ~1e-6 of max|x|); a wrong formula is off by O(1)
+        err = float((ours[h] - want).abs().max())
+        assert err <= 1e-4 * float(want.abs().max()), (h, err)
