@@ -45,7 +45,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featuresteer_server import domain
-from featuresteer_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from featuresteer_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    feature_dictionary,
+    pinned_dictionary,
+)
 
 if TYPE_CHECKING:
     from featuresteer_server.config import Config
@@ -173,22 +178,13 @@ class FeatureCatalog:
     def dictionary(
         self, dictionary_id: str, field: str, fingerprint: str | None = None
     ) -> domain.DictionaryInfo:
-        d = self.dictionaries.get(dictionary_id)
-        if d is None:
-            raise NotFound(f"{field}: unknown dictionary {dictionary_id!r}")
-        if fingerprint and fingerprint != d.fingerprint:
-            raise FailedPrecondition(
-                f"{field}: fingerprint {fingerprint!r} does not match the loaded dictionary "
-                f"{dictionary_id!r} ({d.fingerprint}); it was retrained or replaced"
-            )
-        return d
+        return pinned_dictionary(self.dictionaries, dictionary_id, field, fingerprint)
 
     def resolve(self, ref: domain.FeatureRef, field: str = "feature") -> domain.DictionaryInfo:
         """The feature's dictionary; NOT_FOUND / FAILED_PRECONDITION / INVALID_ARGUMENT."""
-        d = self.dictionary(ref.dictionary_id, f"{field}.dictionary_id", ref.fingerprint)
-        if not 0 <= ref.index < d.d_sae:
-            raise InvalidArgument(f"{field}.index", f"{ref.index} outside [0, {d.d_sae})")
-        return d
+        return feature_dictionary(
+            self.dictionaries, ref.dictionary_id, ref.index, ref.fingerprint, field
+        )
 
     def search_scope(self, req: domain.SearchRequest) -> _Scope:
         if req.token_id is not None:

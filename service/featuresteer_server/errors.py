@@ -6,6 +6,9 @@ Engines, the dictionary runtime and converters raise these; only the error inter
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Protocol, TypeVar
+
 import grpc
 
 
@@ -97,3 +100,42 @@ class Unimplemented(FeatureSteerError):
     """An RPC of the contract that this server version does not serve yet."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class _Pinned(Protocol):
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def d_sae(self) -> int: ...
+
+
+D = TypeVar("D", bound=_Pinned)
+
+
+def pinned_dictionary(
+    table: Mapping[str, D], dictionary_id: str, field: str, fingerprint: str | None = None
+) -> D:
+    """``table[dictionary_id]``, NOT_FOUND when absent, FAILED_PRECONDITION when a given
+    fingerprint is not the loaded one (the engine's dictionaries and the catalog's records
+    share this lookup, so clients see one message)."""
+    d = table.get(dictionary_id)
+    if d is None:
+        raise NotFound(f"{field}: unknown dictionary {dictionary_id!r}")
+    if fingerprint and fingerprint != d.fingerprint:
+        raise FailedPrecondition(
+            f"{field}: fingerprint {fingerprint!r} does not match the loaded dictionary "
+            f"{dictionary_id!r} ({d.fingerprint}); it was retrained or replaced"
+        )
+    return d
+
+
+def feature_dictionary(
+    table: Mapping[str, D], dictionary_id: str, index: int, fingerprint: str | None, field: str
+) -> D:
+    """The dictionary of feature ``index`` (``pinned_dictionary`` on ``{field}.dictionary_id``),
+    INVALID_ARGUMENT on ``{field}.index`` when it is out of range."""
+    d = pinned_dictionary(table, dictionary_id, f"{field}.dictionary_id", fingerprint)
+    if not 0 <= index < d.d_sae:
+        raise InvalidArgument(f"{field}.index", f"{index} outside [0, {d.d_sae})")
+    return d

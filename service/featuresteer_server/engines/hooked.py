@@ -28,8 +28,9 @@ from featuresteer_server.engines.hooked_attribution import AttributionSettings
 from featuresteer_server.errors import (
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     Unavailable,
+    feature_dictionary,
+    pinned_dictionary,
 )
 from featuresteer_server.tokenization import Token, Tokenizer
 
@@ -99,21 +100,12 @@ class HookedEngine(Engine):
         self.dictionaries[d.id] = d
 
     def dictionary(self, dictionary_id: str, field: str, fingerprint: str | None = None) -> Any:
-        d = self.dictionaries.get(dictionary_id)
-        if d is None:
-            raise NotFound(f"{field}: unknown dictionary {dictionary_id!r}")
-        if fingerprint and fingerprint != d.fingerprint:
-            raise FailedPrecondition(
-                f"{field}: fingerprint {fingerprint!r} does not match the loaded dictionary "
-                f"{dictionary_id!r} ({d.fingerprint}); it was retrained or replaced"
-            )
-        return d
+        return pinned_dictionary(self.dictionaries, dictionary_id, field, fingerprint)
 
     def feature(self, ref: domain.FeatureRef, field: str) -> Any:
-        d = self.dictionary(ref.dictionary_id, f"{field}.dictionary_id", ref.fingerprint)
-        if not 0 <= ref.index < d.d_sae:
-            raise InvalidArgument(f"{field}.index", f"{ref.index} outside [0, {d.d_sae})")
-        return d
+        return feature_dictionary(
+            self.dictionaries, ref.dictionary_id, ref.index, ref.fingerprint, field
+        )
 
     # -- info
     def info(self) -> domain.EngineInfo:
