@@ -84,19 +84,6 @@ def cached_windows() -> int:
     return int(json.loads(path.read_text())["windows"]) if path.is_file() else 0
 
 
-def iter_batches(
-    model: Any, split: str, hooks: Sequence[str], start: int, stop: int, batch: int
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (next window index, {hook: [batch*(CTX-1), d] float32}) streamed from forwards."""
-    windows = load_split(split)
-    i = start
-    while i < stop:
-        j = min(i + batch, stop)
-        acts = run_hooks(model, windows[i:j], hooks)
-        yield j, {h: a.reshape(-1, a.shape[-1]) for h, a in acts.items()}
-        i = j
-
-
 def load_hf_model(n_threads: int = 1) -> Any:
     """The default model as plain transformers float32 (the model the hooked engine wraps)."""
     import torch

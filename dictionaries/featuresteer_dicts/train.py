@@ -116,17 +116,8 @@ class SparseCoder(nn.Module):
         err = ys - y_hat
         mse = err.pow(2).sum(-1).mean()
         total_var = (ys - ys.mean(0)).pow(2).sum(-1).mean()
-        fired = (acts > 0).any(0)
-        with torch.no_grad():
-            self.since_fired += x.shape[0]
-            self.since_fired[fired] = 0
-            if self.cfg.batch_topk:
-                positive = acts[acts > 0]
-                if positive.numel():
-                    b = self.cfg.threshold_beta
-                    lo = positive.min()
-                    new = lo if float(self.threshold) == 0.0 else b * self.threshold + (1 - b) * lo
-                    self.threshold.copy_(new)
+        kept = acts[acts > 0].detach() if self.cfg.batch_topk else acts.new_empty(0)
+        self.track(x.shape[0], (acts > 0).any(0), kept)
         dead = self.since_fired > self.cfg.dead_tokens
         loss = mse
         aux_val = 0.0
@@ -147,6 +138,19 @@ class SparseCoder(nn.Module):
             "aux": aux_val,
         }
         return loss, stats
+
+    @torch.no_grad()
+    def track(self, n_tokens: int, fired: Tensor, kept: Tensor) -> None:
+        """After a batch of ``n_tokens``: reset ``since_fired`` of the latents that fired (a
+        mask or indices) and, for BatchTopK, move the running threshold towards the smallest
+        kept (positive) activation."""
+        self.since_fired += n_tokens
+        self.since_fired[fired] = 0
+        if self.cfg.batch_topk and kept.numel():
+            b = self.cfg.threshold_beta
+            lo = kept.min()
+            new = lo if float(self.threshold) == 0.0 else b * self.threshold + (1 - b) * lo
+            self.threshold.copy_(new)
 
     @torch.no_grad()
     def sparse_grads(self, x: Tensor, y: Tensor) -> dict[str, float]:
@@ -182,13 +186,7 @@ class SparseCoder(nn.Module):
         g_y = -2.0 * err / n
         backprop(rows, cols, vals, g_y)
         g_b_dec = g_y.sum(0)
-        self.since_fired += n
-        self.since_fired[cols] = 0
-        if vals.numel():
-            b = self.cfg.threshold_beta
-            lo = vals.min()
-            new = lo if float(self.threshold) == 0.0 else b * self.threshold + (1 - b) * lo
-            self.threshold.copy_(new)
+        self.track(n, cols, vals)
         dead = self.since_fired > self.cfg.dead_tokens
         n_dead, aux_val = int(dead.sum()), 0.0
         if n_dead:
