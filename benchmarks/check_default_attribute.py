@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "dictionaries"))
 PROMPT = "The capital of France is"
 
 
@@ -80,25 +81,19 @@ def verify(graph: dict[str, Any], threads: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
+    import numpy as np
+
+    from featuresteer_dicts.activations import mlp_pairs
     from featuresteer_server.models import load_hf, prepare_default_model
     from tests.reference.parity import shipped_transcoders
 
     hf, tok = load_hf(prepare_default_model(), torch.float32)
     ids = [tok.bos_token_id or 1] + tok(PROMPT, add_special_tokens=False).input_ids
-    mlp_in: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer, block in enumerate(hf.model.layers):
-        norm = block.post_attention_layernorm
-
-        def take(mod: Any, args: Any, layer: int = layer, eps: float = norm.variance_epsilon):
-            x = args[0][0]
-            mlp_in[layer] = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-        handles.append(norm.register_forward_pre_hook(take))
+    # the MLP inputs the transcoders read, from the dictionaries tooling's tested tap on the
+    # plain model (BOS dropped: row p-1 is position p; BOS carries no feature node)
+    taps = mlp_pairs(hf, np.array([ids]))
     with torch.no_grad():
         logits = hf(torch.tensor([ids])).logits[0, -1]
-    for h in handles:
-        h.remove()
     probs = torch.softmax(logits.float(), -1)
     tcs = {tc.id: tc for tc in shipped_transcoders(len(hf.model.layers))}
     nodes = graph["nodes"]
@@ -115,7 +110,8 @@ def verify(graph: dict[str, Any], threads: int) -> dict[str, Any]:
             tc = tcs[ref["dictionary_id"]]
             layer, pos = int(n.get("layer", 0)), int(n.get("position", 0))
             with torch.no_grad():
-                acts = tc.encode(mlp_in[layer][pos : pos + 1].float())[0]
+                x = taps[f"blocks.{layer}.ln2.hook_normalized"][pos - 1 : pos]
+                acts = tc.encode(x.float())[0]
             want = float(acts[int(ref.get("index", 0))])
             got = float(n.get("activation", 0))
             act_err = max(act_err, abs(got - want) / max(abs(want), 1e-6))
