@@ -18,14 +18,21 @@ from typing import Any
 
 import numpy as np
 
-from featuresteer_dicts.common import CTX, D_MODEL, Progress, cache_root, write_json_atomic
+from featuresteer_dicts.common import (
+    CORPUS_VERSION,
+    CTX,
+    D_MODEL,
+    Progress,
+    cache_root,
+    write_json_atomic,
+)
 from featuresteer_dicts.corpus import load_split
 
 SAE_TRAIN_WINDOWS = 7880  # x 127 = 1.0M training tokens per SAE layer
 
 
 def acts_dir() -> Path:
-    path = cache_root() / "acts" / "v1"
+    path = cache_root() / "acts" / CORPUS_VERSION
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -48,8 +55,8 @@ def run_hooks(model: Any, windows: np.ndarray, hooks: Sequence[str]) -> dict[str
 def cache_resid(
     model: Any, hooks: Sequence[str], progress: Progress, batch: int = 16, limit: int | None = None
 ) -> Path:
-    """Fill ``acts/v1/<hook>.npy`` ([SAE_TRAIN_WINDOWS * (CTX-1), d] fp16) up to ``limit``
-    windows; resumable."""
+    """Fill ``acts/<corpus version>/<hook>.npy`` ([SAE_TRAIN_WINDOWS * (CTX-1), d] fp16) up to
+    ``limit`` windows; resumable."""
     out = acts_dir()
     state_path = out / "resid_state.json"
     n_tok = SAE_TRAIN_WINDOWS * (CTX - 1)

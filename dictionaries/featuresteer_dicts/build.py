@@ -25,9 +25,11 @@ from featuresteer_dicts.coders import (
     write_artifact,
 )
 from featuresteer_dicts.common import (
+    CORPUS_VERSION,
     CTX,
     D_MODEL,
     EVAL_TOKENS,
+    FAMILY_VERSION,
     MODEL_NAME,
     MODEL_SHORT,
     N_LAYERS,
@@ -35,7 +37,7 @@ from featuresteer_dicts.common import (
     SAE_LAYERS,
     SEED,
     TC_FAMILY,
-    VERSION,
+    TC_VERSION,
     Progress,
     dict_id,
     repo_dict_root,
@@ -89,7 +91,7 @@ def tc_post_pass(progress: Progress, n_windows: int | None = None) -> dict[str, 
     from featuresteer_dicts.metadata import FeatureStats
     from featuresteer_dicts.runs import final_path
 
-    path = train_dir() / "tc_post.pt"
+    path = train_dir() / f"tc-{TC_VERSION}_post.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
     hf = load_hf_model(torch.get_num_threads())
@@ -238,25 +240,43 @@ def tc_metadata(progress: Progress) -> None:
     from featuresteer_dicts.corpus import load_split
     from featuresteer_dicts.metadata import write_metadata
 
-    if not shipped(TC_FAMILY):
+    todo = [
+        layer
+        for layer in range(N_LAYERS)
+        if (tc_dir(layer) / WEIGHTS).exists() and not (tc_dir(layer) / "features.npz").exists()
+    ]
+    if not todo:
         return
     post = tc_post_pass(progress)
     model, tok = load_model()
     train = np.asarray(load_split("train")[:TC_META_WINDOWS])
-    for layer in range(N_LAYERS):
+    for layer in todo:
         out = tc_dir(layer) / "features.npz"
-        if out.exists() or not (tc_dir(layer) / WEIGHTS).exists():
-            continue
         coder = load_coder(tc_dir(layer))
         info = write_metadata(out, post["stats"][layer], train, coder.W_dec, model, tok)
         progress(f"wrote {out}: {info}")
 
 
+def _recorded_metrics(root: Path) -> dict[str, dict[str, Any]]:
+    """Figures the current catalog.json already records for artifacts still in the tree: a
+    retrain of one family on a fresh machine (no metrics.json) keeps the other's entries."""
+    path = root / "catalog.json"
+    if not path.is_file():
+        return {}
+    return {
+        e["id"]: e["metrics"]
+        for e in json.loads(path.read_text())["dictionaries"]
+        if (root / e["path"] / WEIGHTS).exists()
+    }
+
+
 def write_catalog(progress: Progress) -> Path:
     """dictionaries/catalog.json from the shipped artifacts and their metrics."""
-    metrics_path = train_dir() / METRICS
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     root = repo_dict_root()
+    metrics = _recorded_metrics(root)
+    metrics_path = train_dir() / METRICS
+    if metrics_path.is_file():
+        metrics.update(json.loads(metrics_path.read_text()))
     entries = []
     for family, desc in (
         (SAE_FAMILY, "TopK SAE on the residual stream after block {L}"),
@@ -278,7 +298,7 @@ def write_catalog(progress: Progress) -> Path:
                     "hook_name_out": meta.get("hook_name_out", meta["hook_name"]),
                     "d_in": cfg["d_in"],
                     "d_sae": cfg["d_sae"],
-                    "version": VERSION,
+                    "version": FAMILY_VERSION[family],
                     "description": desc.format(L=meta["hook_layer"])
                     + f"; trained on {meta['training_tokens']:,} tokens",
                     "metrics": {
@@ -300,7 +320,7 @@ def write_catalog(progress: Progress) -> Path:
 
     manifest = json.loads((corpus_dir() / "manifest.json").read_text())
     corpus = {
-        "version": VERSION,
+        "version": CORPUS_VERSION,
         "heldout_sha256": manifest["heldout_sha256"],
         "eval_tokens": EVAL_TOKENS,
         "debian_versions": manifest["debian_versions"],
@@ -326,7 +346,7 @@ def export_circuit_tracer(progress: Progress, out: Path) -> Path:
             raise FileNotFoundError(f"{src} is missing: train the transcoders first")
         tcs.append(load_dictionary(src, dictionary_id=dict_id(TC_FAMILY, tc_hooks(layer)[0])))
     config = export_transcoder_set(
-        tcs, out, scan=f"featuresteer/{MODEL_SHORT}/{TC_FAMILY}/{VERSION}"
+        tcs, out, scan=f"featuresteer/{MODEL_SHORT}/{TC_FAMILY}/{TC_VERSION}"
     )
     progress(f"wrote circuit-tracer transcoder set to {config.parent}")
     return out

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from featuresteer_dicts.common import SAE_LAYERS, sae_hook
+from featuresteer_dicts.common import SAE_FAMILY, SAE_LAYERS, sae_hook
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
 console = Console()
@@ -110,9 +110,9 @@ def export_circuit_tracer(
 ) -> None:
     """Write the transcoders in circuit-tracer's per-layer transcoder-set layout."""
     from featuresteer_dicts.build import export_circuit_tracer as run
-    from featuresteer_dicts.common import TC_FAMILY, VERSION, cache_root
+    from featuresteer_dicts.common import TC_FAMILY, TC_VERSION, cache_root
 
-    run(_say, out or cache_root() / "circuit-tracer" / f"{TC_FAMILY}-{VERSION}")
+    run(_say, out or cache_root() / "circuit-tracer" / f"{TC_FAMILY}-{TC_VERSION}")
 
 
 @app.command("all")
@@ -122,7 +122,7 @@ def run_all(
     """Every step in order; safe to re-run (finished steps are skipped)."""
     corpus(force=False)
     train_sae(windows=7880, epochs=1, minutes=0)
-    evaluate(family="res-topk-4608")
+    evaluate(family=SAE_FAMILY)
     train_transcoders_cmd(tokens=tokens)
     evaluate(family="all")
     metadata()

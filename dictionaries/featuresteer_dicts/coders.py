@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from featuresteer_dicts.common import (
+    CORPUS_VERSION,
+    FAMILY_VERSION,
     MODEL_NAME,
     SAE_FAMILY,
     TC_FAMILY,
-    VERSION,
     artifact_rel,
     repo_dict_root,
     sae_hook,
@@ -76,13 +77,13 @@ def sae_cfg(d_in: int, d_sae: int, k: int, layer: int, train_tokens: int) -> dic
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": _metadata(sae_hook(layer), None, layer, train_tokens),
+        "metadata": _metadata(SAE_FAMILY, sae_hook(layer), None, layer, train_tokens),
     }
 
 
 def tc_cfg(d_in: int, d_sae: int, layer: int, train_tokens: int, k: int) -> dict[str, Any]:
     h_in, h_out = tc_hooks(layer)
-    meta = _metadata(h_in, h_out, layer, train_tokens)
+    meta = _metadata(TC_FAMILY, h_in, h_out, layer, train_tokens)
     meta["training_rule"] = f"BatchTopK k={k}, exported as JumpReLU with one global threshold"
     return {
         "architecture": "jumprelu_transcoder",
@@ -98,7 +99,9 @@ def tc_cfg(d_in: int, d_sae: int, layer: int, train_tokens: int, k: int) -> dict
     }
 
 
-def _metadata(hook: str, hook_out: str | None, layer: int, tokens: int) -> dict[str, Any]:
+def _metadata(
+    family: str, hook: str, hook_out: str | None, layer: int, tokens: int
+) -> dict[str, Any]:
     import sae_lens
 
     meta: dict[str, Any] = {
@@ -110,10 +113,10 @@ def _metadata(hook: str, hook_out: str | None, layer: int, tokens: int) -> dict[
         "hook_head_index": None,
         "prepend_bos": True,
         "context_size": 128,
-        "dataset_path": "featuresteer offline corpus v1 (see dictionaries/README.md)",
+        "dataset_path": f"featuresteer offline corpus {CORPUS_VERSION} (dictionaries/README.md)",
         "training_tokens": tokens,
         "trained_by": "featuresteer_dicts",
-        "version": VERSION,
+        "version": FAMILY_VERSION[family],
     }
     if hook_out is not None:
         meta["hook_name_out"] = hook_out

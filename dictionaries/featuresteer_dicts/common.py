@@ -26,7 +26,12 @@ N_LAYERS = 30
 D_MODEL = 576
 SAE_FAMILY = f"res-topk-{SAE_WIDTH}"
 TC_FAMILY = f"transcoder-{TC_WIDTH}"
-VERSION = "v1"
+# Versions. A retrain is a new version (artifacts are immutable); the corpus and the
+# activation cache have their own, so a dictionary retrain reuses them.
+CORPUS_VERSION = "v1"
+SAE_VERSION = "v2"  # v1 (538,480 tokens, a compute cut-off) is in the git history
+TC_VERSION = "v1"
+FAMILY_VERSION = {SAE_FAMILY: SAE_VERSION, TC_FAMILY: TC_VERSION}
 EVAL_TOKENS = 20_000  # held-out tokens (BOS excluded) behind every catalog figure
 CE_EVAL_TOKENS = 20_000
 
@@ -44,7 +49,7 @@ def cache_root() -> Path:
 
 
 def corpus_dir() -> Path:
-    return cache_root() / "corpus" / VERSION
+    return cache_root() / "corpus" / CORPUS_VERSION
 
 
 def train_dir() -> Path:
@@ -67,13 +72,13 @@ def tc_hooks(layer: int) -> tuple[str, str]:
     return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
 
 
-def dict_id(family: str, hook: str, version: str = VERSION) -> str:
-    return f"{MODEL_SHORT}/{family}/{hook}@{version}"
+def dict_id(family: str, hook: str, version: str | None = None) -> str:
+    return f"{MODEL_SHORT}/{family}/{hook}@{version or FAMILY_VERSION[family]}"
 
 
-def artifact_rel(family: str, hook: str, version: str = VERSION) -> str:
+def artifact_rel(family: str, hook: str, version: str | None = None) -> str:
     """Artifact directory relative to ``dictionaries/``."""
-    return f"{MODEL_SHORT}/{family}/{hook}/{version}"
+    return f"{MODEL_SHORT}/{family}/{hook}/{version or FAMILY_VERSION[family]}"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -20,9 +20,11 @@ from featuresteer_dicts.common import (
     N_LAYERS,
     SAE_K,
     SAE_LAYERS,
+    SAE_VERSION,
     SAE_WIDTH,
     SEED,
     TC_K,
+    TC_VERSION,
     TC_WIDTH,
     Progress,
     sae_hook,
@@ -72,7 +74,14 @@ def tc_config() -> Any:
 
 
 def final_path(kind: str, layer: int) -> Path:
-    return train_dir() / f"{kind}_L{layer}_final.pt"
+    """Trained float32 weights of one layer; named by version so a retrain never reuses them."""
+    version = SAE_VERSION if kind == "sae" else TC_VERSION
+    return train_dir() / f"{kind}-{version}_L{layer}_final.pt"
+
+
+def ckpt_path(kind: str) -> Path:
+    version = SAE_VERSION if kind == "sae" else TC_VERSION
+    return train_dir() / f"{kind}-{version}_ckpt.pt"
 
 
 def train_saes(
@@ -104,7 +113,7 @@ def train_saes(
     steps = n_chunks * per_chunk
     torch.manual_seed(SEED)
     trainers = [CoderTrainer(sae_config(), steps, SEED + layer) for layer in SAE_LAYERS]
-    ckpt = train_dir() / "sae_ckpt.pt"
+    ckpt = ckpt_path("sae")
     chunk = 0
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
@@ -171,7 +180,7 @@ def train_transcoders(progress: Progress, tokens: int = TC_DEFAULT_TOKENS) -> li
     steps = n_windows // per_fwd * TC_MINIBATCHES
     torch.manual_seed(SEED)
     trainers = [CoderTrainer(tc_config(), steps, SEED + 100 + layer) for layer in range(N_LAYERS)]
-    ckpt = train_dir() / "tc_ckpt.pt"
+    ckpt = ckpt_path("tc")
     start = 0
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)

@@ -88,3 +88,45 @@ def test_circuit_tracer_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     src = load_file(str(build.tc_dir(0) / "sae_weights.safetensors"))
     assert torch.equal(layer0["W_enc"], src["W_enc"].float().t())
     assert torch.equal(layer0["activation_function.threshold"], src["threshold"].float())
+
+
+def test_catalog_versions_and_recorded_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retrain of one family on a fresh machine (metrics.json holds only its figures) keeps
+    the other family's recorded figures, drops entries whose files left the tree, and ids and
+    directories carry each family's own version."""
+    import featuresteer_dicts.build as build
+    from featuresteer_dicts.common import SAE_VERSION, TC_VERSION, corpus_dir, train_dir
+
+    monkeypatch.setenv("FEATURESTEER_DICTS_ROOT", str(tmp_path / "dicts"))
+    monkeypatch.setenv("FEATURESTEER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "N_LAYERS", 1)
+    monkeypatch.setattr(build, "SAE_LAYERS", (6,))
+    zero = torch.zeros(8)
+    write_artifact(build.tc_dir(0), tc_cfg(8, 32, 0, 10, 4), _weights(8, 32, True), zero)
+    write_artifact(build.sae_dir(6), sae_cfg(8, 32, 4, 6, 10), _weights(8, 32, False), zero)
+    assert build.sae_dir(6).name == SAE_VERSION and build.tc_dir(0).name == TC_VERSION
+    assert SAE_VERSION != TC_VERSION  # the SAEs were retrained (v2); the transcoders were not
+    figures = {"l0": 4.0, "fvu": 0.2, "dead_fraction": 0.0, "ce_loss_delta": 0.1,
+               "n_eval_tokens": 100, "n_ce_tokens": 50}  # fmt: skip
+    tc_id = f"smollm2-135m/transcoder-2304/blocks.0.ln2.hook_normalized@{TC_VERSION}"
+    sae_id = f"smollm2-135m/res-topk-4608/blocks.6.hook_resid_post@{SAE_VERSION}"
+    old_sae = "smollm2-135m/res-topk-4608/blocks.6.hook_resid_post@v0"
+    root = tmp_path / "dicts"
+    recorded = [
+        {"id": tc_id, "path": str(build.tc_dir(0).relative_to(root)), "metrics": figures},
+        {"id": old_sae, "path": "smollm2-135m/gone/v0", "metrics": figures},
+    ]
+    (root / "catalog.json").write_text(json.dumps({"dictionaries": recorded}))
+    (train_dir() / "metrics.json").write_text(json.dumps({sae_id: {**figures, "fvu": 0.1}}))
+    corpus_dir().mkdir(parents=True)
+    (corpus_dir() / "manifest.json").write_text(
+        json.dumps({"heldout_sha256": "ab", "debian_versions": {}})
+    )
+    build.write_catalog(lambda s: None)
+    entries = {e["id"]: e for e in json.loads((root / "catalog.json").read_text())["dictionaries"]}
+    assert set(entries) == {tc_id, sae_id}
+    assert entries[tc_id]["metrics"] == figures and entries[tc_id]["version"] == TC_VERSION
+    assert entries[sae_id]["metrics"]["fvu"] == 0.1 and entries[sae_id]["version"] == SAE_VERSION
+    assert entries[sae_id]["path"].endswith(f"blocks.6.hook_resid_post/{SAE_VERSION}")
