@@ -107,7 +107,18 @@ class FeatureMetadata:
         for k in _NEEDED:
             if out[k].shape[0] != n:
                 raise ValueError(f"{self.path}: {k} has {out[k].shape[0]} rows, expected {n}")
-        out["labels_lower"] = np.char.lower(out["labels"].astype(str))
+        # search-ready views, built once: lower-cased labels and an inverted index of the
+        # context tokens (flat [F, N, W] positions sorted by token id, padding left out)
+        out["labels_lower"] = np.array([str(x).lower() for x in out["labels"]], dtype=object)
+        tokens, top_len = out["top_tokens"], out["top_len"]
+        valid = np.arange(tokens.shape[2])[None, None, :] < top_len[:, :, None]  # [F, N, W]
+        positions = np.flatnonzero(valid)
+        token_at = tokens.reshape(-1)[positions]
+        order = np.argsort(token_at, kind="stable")
+        out["search_index_tokens"] = token_at[order]
+        out["search_index_positions"] = positions[order]
+        out["search_n_examples"] = np.maximum((top_len > 0).sum(1), 1)
+        out["search_max_act"] = np.maximum(out["max_activation"].astype(np.float32), 1e-12)
         return out
 
 
@@ -277,6 +288,8 @@ class FeatureCatalog:
     async def search(self, req: domain.SearchRequest) -> domain.SearchResult:
         scope = self.search_scope(req)
         scored: list[tuple[float, domain.FeatureRef, str]] = []
+        phrase = (req.query or "").strip().lower()
+        terms = [(w, self._word_token_ids(w)) for w in _WORD.findall(phrase)]
         for d in scope.dictionaries:
             arrays = await self._arrays(d.id)
             if req.token_id is not None:
@@ -285,7 +298,7 @@ class FeatureCatalog:
                     label = str(arrays["labels"][index]) if arrays is not None else ""
                     scored.append((score, domain.FeatureRef(d.id, index, d.fingerprint), label))
             elif arrays is not None:
-                found = await asyncio.to_thread(self._text_scores, arrays, req.query or "")
+                found = await asyncio.to_thread(_text_scores, arrays, phrase, terms)
                 for index, score in found[: req.limit]:
                     label = str(arrays["labels"][index])
                     scored.append((score, domain.FeatureRef(d.id, index, d.fingerprint), label))
@@ -305,27 +318,41 @@ class FeatureCatalog:
                     ids.add(int(enc[0]))
         return sorted(ids)
 
-    def _text_scores(self, a: dict[str, np.ndarray], query: str) -> list[tuple[int, float]]:
-        phrase = query.strip().lower()
-        words = _WORD.findall(phrase)
-        labels = a["labels_lower"]  # [F]
-        score = 2.0 * (np.char.find(labels, phrase) >= 0)  # [F]
-        if words:
-            in_label = np.zeros(labels.shape[0])
-            ctx = np.zeros(labels.shape[0])
-            top_tokens, top_len = a["top_tokens"], a["top_len"]  # [F, N, W], [F, N]
-            width = top_tokens.shape[2]
-            valid = np.arange(width)[None, None, :] < top_len[:, :, None]  # [F, N, W]
-            n_examples = np.maximum((top_len > 0).sum(1), 1)  # [F]
-            max_act = np.maximum(a["max_activation"].astype(np.float32), 1e-12)  # [F]
-            for w in words:
-                in_label += np.char.find(labels, w) >= 0
-                ids = self._word_token_ids(w)
-                if not ids:
-                    continue
-                hit = np.isin(top_tokens, ids) & valid  # [F, N, W]
-                best = np.where(hit, a["top_acts"].astype(np.float32), 0.0).max(-1)  # [F, N]
-                ctx += np.clip(best.sum(1) / n_examples / max_act, 0.0, 1.0)
-            score = score + in_label / len(words) + ctx / len(words)
-        order = np.argsort(-score, kind="stable")
-        return [(int(i), float(score[i])) for i in order if score[i] > 0]
+
+def _contains(labels: np.ndarray, text: str) -> np.ndarray:
+    """[F] bool: which (lower-cased) labels contain ``text``."""
+    return np.fromiter((text in label for label in labels), dtype=bool, count=labels.shape[0])
+
+
+def _text_scores(
+    a: dict[str, np.ndarray], phrase: str, terms: list[tuple[str, list[int]]]
+) -> list[tuple[int, float]]:
+    """Features of one dictionary matching a lower-cased query, best first: 2 for the whole
+    phrase in the label, plus (per word, averaged) 1 for the word in the label and up to 1 for
+    how strongly the feature fires on that word in its top contexts. ``terms``: each word of
+    the phrase with the token ids that spell it."""
+    labels = a["labels_lower"]  # [F] str
+    score = 2.0 * _contains(labels, phrase)  # [F]
+    if terms:
+        in_label = np.zeros(labels.shape[0])
+        ctx = np.zeros(labels.shape[0])
+        n_feat, n_ex, width = a["top_tokens"].shape
+        index_tokens, index_pos = a["search_index_tokens"], a["search_index_positions"]
+        acts = a["top_acts"].reshape(-1)
+        for w, ids in terms:
+            in_label += _contains(labels, w)
+            lo = np.searchsorted(index_tokens, ids, side="left")
+            hi = np.searchsorted(index_tokens, ids, side="right")
+            spans = [index_pos[i:j] for i, j in zip(lo, hi, strict=True) if j > i]
+            if not spans:
+                continue
+            pos = np.concatenate(spans)
+            # best activation on a matching token per (feature, example)
+            best = np.zeros(n_feat * n_ex, np.float32)
+            np.maximum.at(best, pos // width, acts[pos].astype(np.float32))
+            best = best.reshape(n_feat, n_ex)
+            share = best.sum(1) / a["search_n_examples"] / a["search_max_act"]
+            ctx += np.clip(share, 0.0, 1.0)
+        score = score + in_label / len(terms) + ctx / len(terms)
+    order = np.argsort(-score, kind="stable")
+    return [(int(i), float(score[i])) for i in order if score[i] > 0]

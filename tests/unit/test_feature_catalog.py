@@ -337,3 +337,47 @@ def test_graph_feature_nodes_get_catalog_labels(engine, tmp_path: Path) -> None:
     ]
     assert str(arrays["labels"][5])  # the synthetic labels are not empty
     assert [n.feature for n in labelled.nodes] == [n.feature for n in result.nodes]
+
+
+def test_text_scores_match_a_brute_force_of_the_formula(tmp_path: Path) -> None:
+    """The inverted-index scorer equals the documented formula computed naively: 2 for the
+    phrase in the label, plus, averaged over words, 1 for the word in the label and the mean
+    over a feature's examples of (best activation on a token spelling the word) / max act."""
+    from featuresteer_server.catalog import FeatureMetadata, _text_scores
+
+    path = tmp_path / "features.npz"
+    d_sae = 64
+    write_features_npz(
+        path, d_sae, seed=7, labels={3: "fires on ['apple']", 9: "apple pie"},
+        tokens={5: [1500, 1500, 1700], 6: [1501]},
+    )  # fmt: skip
+    a = FeatureMetadata(path, d_sae).arrays()
+    raw = np.load(path)
+    labels = [str(x).lower() for x in raw["labels"]]
+    for phrase, terms, matches in [
+        ("apple", [("apple", [1500, 1501])], True),
+        ("apple pie", [("apple", [1500]), ("pie", [1700, 1999, 4])], True),
+        ("nothing", [("nothing", [])], False),
+    ]:
+        want = []
+        for f in range(d_sae):
+            s = 2.0 * (phrase in labels[f])
+            for w, ids in terms:
+                s += (w in labels[f]) / len(terms)
+                n_ex = max(int((raw["top_len"][f] > 0).sum()), 1)
+                total = 0.0
+                for e in range(raw["top_len"].shape[1]):
+                    length = int(raw["top_len"][f, e])
+                    acts = [
+                        float(raw["top_acts"][f, e, t])
+                        for t in range(length)
+                        if int(raw["top_tokens"][f, e, t]) in ids
+                    ]
+                    total += max(acts, default=0.0)
+                share = total / n_ex / max(float(raw["max_activation"][f]), 1e-12)
+                s += min(max(share, 0.0), 1.0) / len(terms)
+            want.append(s)
+        got = dict(_text_scores(a, phrase, terms))
+        for f in range(d_sae):
+            assert got.get(f, 0.0) == pytest.approx(want[f], rel=1e-5, abs=1e-6), (phrase, f)
+        assert any(v > 0 for v in want) == matches
