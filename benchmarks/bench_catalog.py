@@ -138,6 +138,23 @@ async def run(engine: Any, calls: int, redis_url: str) -> list[dict[str, Any]]:
                             await timed_calls(text, list(range(m))),
                         )
                     )
+                n_dicts = len(engine.dictionaries)
+                if n_dicts > 1:
+                    # empty dictionary_id: one search over every loaded dictionary
+                    async def text_all(i: int, stub: Any = stub) -> Any:
+                        q = ("the", "print", "love", "file")[i % 4] + f" {i}"
+                        req = pb.SearchFeaturesRequest(query=q, limit=20)
+                        return await stub.SearchFeatures(req)
+
+                    async def tok_all(i: int, stub: Any = stub) -> Any:
+                        req = pb.SearchFeaturesRequest(token_id=2000 + i, limit=20)
+                        return await stub.SearchFeatures(req)
+
+                    k = min(n, 20)
+                    for name, fn in (("text", text_all), ("token_id", tok_all)):
+                        for temp in ("cold", "warm (Redis)"):
+                            label = f"SearchFeatures {name}, all {n_dicts} dictionaries, {temp}"
+                            results.append(row(label, await timed_calls(fn, list(range(k)))))
             else:
                 results.append(row("GetFeature from the local LRU (no Redis)", warm))
         await stop(srv)
