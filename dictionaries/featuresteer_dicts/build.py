@@ -138,7 +138,7 @@ def export_transcoders(progress: Progress) -> None:
     from featuresteer_dicts.coders import check_saelens
     from featuresteer_dicts.runs import final_path
 
-    if all((tc_dir(layer) / WEIGHTS).exists() for layer in range(N_LAYERS)):
+    if all_written(TC_FAMILY):
         return
     post = tc_post_pass(progress)
     for layer in range(N_LAYERS):
@@ -153,6 +153,11 @@ def export_transcoders(progress: Progress) -> None:
         write_artifact(out, cfg, w, post["mean"][layer])
         diff = check_saelens(out, torch.randn(64, D_MODEL))
         progress(f"wrote {out} (SAELens encode max |diff| {diff:.2e})")
+
+
+def all_written(family: str) -> bool:
+    """Every artifact of the family's current version is in the tree (nothing to train)."""
+    return len(shipped(family)) == (len(SAE_LAYERS) if family == SAE_FAMILY else N_LAYERS)
 
 
 def shipped(family: str) -> dict[str, Path]:
@@ -170,8 +175,7 @@ def evaluate(progress: Progress, family: str) -> dict[str, dict[str, float]]:
     from featuresteer_dicts.corpus import eval_windows
     from featuresteer_dicts.evaluate import ce_delta, reconstruction_metrics, run_eval_hooks
 
-    metrics_path = train_dir() / METRICS
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = known_metrics()
     todo = {k: v for k, v in shipped(family).items() if k not in metrics}
     if not todo:
         return metrics
@@ -196,7 +200,7 @@ def evaluate(progress: Progress, family: str) -> dict[str, dict[str, float]]:
             "n_ce_tokens": CE_WINDOWS * (CTX - 1),
         }
         progress(f"{k}: {json.dumps(metrics[k])}")
-    write_json_atomic(metrics_path, metrics)
+    write_json_atomic(train_dir() / METRICS, metrics)
     return metrics
 
 
@@ -257,26 +261,29 @@ def tc_metadata(progress: Progress) -> None:
         progress(f"wrote {out}: {info}")
 
 
-def _recorded_metrics(root: Path) -> dict[str, dict[str, Any]]:
-    """Figures the current catalog.json already records for artifacts still in the tree: a
-    retrain of one family on a fresh machine (no metrics.json) keeps the other's entries."""
-    path = root / "catalog.json"
-    if not path.is_file():
-        return {}
-    return {
-        e["id"]: e["metrics"]
-        for e in json.loads(path.read_text())["dictionaries"]
-        if (root / e["path"] / WEIGHTS).exists()
-    }
+def known_metrics() -> dict[str, dict[str, Any]]:
+    """Held-out figures per dictionary id: those catalog.json already records for artifacts
+    still in the tree (so a fresh machine, which has no metrics.json, neither re-evaluates nor
+    drops them), overridden by metrics.json's."""
+    root = repo_dict_root()
+    catalog = root / "catalog.json"
+    metrics = {}
+    if catalog.is_file():
+        metrics = {
+            e["id"]: e["metrics"]
+            for e in json.loads(catalog.read_text())["dictionaries"]
+            if (root / e["path"] / WEIGHTS).exists()
+        }
+    path = train_dir() / METRICS
+    if path.is_file():
+        metrics.update(json.loads(path.read_text()))
+    return metrics
 
 
 def write_catalog(progress: Progress) -> Path:
     """dictionaries/catalog.json from the shipped artifacts and their metrics."""
     root = repo_dict_root()
-    metrics = _recorded_metrics(root)
-    metrics_path = train_dir() / METRICS
-    if metrics_path.is_file():
-        metrics.update(json.loads(metrics_path.read_text()))
+    metrics = known_metrics()
     entries = []
     for family, desc in (
         (SAE_FAMILY, "TopK SAE on the residual stream after block {L}"),

@@ -49,10 +49,13 @@ def train_sae(
 
     _threads()
     from featuresteer_dicts.activations import cache_resid
-    from featuresteer_dicts.build import export_saes
+    from featuresteer_dicts.build import all_written, export_saes
     from featuresteer_dicts.common import load_model
     from featuresteer_dicts.runs import train_saes
 
+    if all_written(SAE_FAMILY):
+        _say("SAEs of this version are already in the tree: nothing to train")
+        return
     model, _ = load_model()
     with console.status("caching residual activations"):
         cache_resid(model, [sae_hook(layer) for layer in SAE_LAYERS], _say, limit=windows)
@@ -69,9 +72,13 @@ def train_transcoders_cmd(
 ) -> None:
     """Train the 30 transcoders from streamed forward passes; resumable."""
     _threads()
-    from featuresteer_dicts.build import export_transcoders
+    from featuresteer_dicts.build import all_written, export_transcoders
+    from featuresteer_dicts.common import TC_FAMILY
     from featuresteer_dicts.runs import train_transcoders
 
+    if all_written(TC_FAMILY):
+        _say("transcoders of this version are already in the tree: nothing to train")
+        return
     with console.status("training transcoders"):
         train_transcoders(_say, tokens=tokens)
     export_transcoders(_say)

@@ -73,15 +73,19 @@ def tc_config() -> Any:
     )
 
 
+def _stem(kind: str) -> str:
+    """``sae-<SAE_VERSION>`` / ``tc-<TC_VERSION>``: cache files are named by version so a
+    retrain never reuses another run's weights or checkpoint."""
+    return f"{kind}-{SAE_VERSION if kind == 'sae' else TC_VERSION}"
+
+
 def final_path(kind: str, layer: int) -> Path:
-    """Trained float32 weights of one layer; named by version so a retrain never reuses them."""
-    version = SAE_VERSION if kind == "sae" else TC_VERSION
-    return train_dir() / f"{kind}-{version}_L{layer}_final.pt"
+    """Trained float32 weights of one layer."""
+    return train_dir() / f"{_stem(kind)}_L{layer}_final.pt"
 
 
 def ckpt_path(kind: str) -> Path:
-    version = SAE_VERSION if kind == "sae" else TC_VERSION
-    return train_dir() / f"{kind}-{version}_ckpt.pt"
+    return train_dir() / f"{_stem(kind)}_ckpt.pt"
 
 
 def train_saes(

@@ -94,8 +94,8 @@ def test_catalog_versions_and_recorded_figures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A retrain of one family on a fresh machine (metrics.json holds only its figures) keeps
-    the other family's recorded figures, drops entries whose files left the tree, and ids and
-    directories carry each family's own version."""
+    the other family's recorded figures without re-evaluating them, drops entries whose files
+    left the tree, and ids and directories carry each family's own version."""
     import featuresteer_dicts.build as build
     from featuresteer_dicts.common import SAE_VERSION, TC_VERSION, corpus_dir, train_dir
 
@@ -130,3 +130,8 @@ def test_catalog_versions_and_recorded_figures(
     assert entries[tc_id]["metrics"] == figures and entries[tc_id]["version"] == TC_VERSION
     assert entries[sae_id]["metrics"]["fvu"] == 0.1 and entries[sae_id]["version"] == SAE_VERSION
     assert entries[sae_id]["path"].endswith(f"blocks.6.hook_resid_post/{SAE_VERSION}")
+    # the recorded figures count as evaluated (no model is loaded) and the family as written
+    assert build.evaluate(lambda s: None, build.TC_FAMILY)[tc_id] == figures
+    assert build.all_written(build.TC_FAMILY) and build.all_written(build.SAE_FAMILY)
+    monkeypatch.setattr(build, "SAE_LAYERS", (6, 12))
+    assert not build.all_written(build.SAE_FAMILY)
