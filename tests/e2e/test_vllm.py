@@ -289,15 +289,22 @@ async def _collect_hooked(h: Harness, req: domain.GenerateRequest) -> list[Any]:
     return [c async for c in h.hooked.generate(req)]
 
 
+async def _read_then_close(h: Harness, req: domain.GenerateRequest, n: int) -> int:
+    """A client cancel: read ``n`` chunks of the vLLM stream, then close it; chunks read."""
+    gen = h.vllm.generate(req)
+    got = 0
+    async for _ in gen:
+        got += 1
+        if got == n:
+            break
+    await gen.aclose()
+    return got
+
+
 def test_cancel_aborts_and_next_request_is_served(h: Harness) -> None:
     async def go() -> tuple[int, list[Any]]:
-        gen = h.vllm.generate(domain.GenerateRequest(prompt="Count: 1, 2,", max_new_tokens=200))
-        n = 0
-        async for _ in gen:
-            n += 1
-            if n == 3:
-                break
-        await gen.aclose()
+        req = domain.GenerateRequest(prompt="Count: 1, 2,", max_new_tokens=200)
+        n = await _read_then_close(h, req, 3)
         await asyncio.sleep(0.5)
         nxt = await h.collect(domain.GenerateRequest(prompt="Hello", max_new_tokens=4))
         return n, nxt
@@ -515,19 +522,9 @@ def test_trace_state_dropped_after_finish_and_cancel(h: Harness) -> None:
     s = h.run(h.vllm.stats())  # the final pop ran before the stream ended: nothing left
     assert (s["trace_requests_stored"], s["trace_plans_cached"]) == (0, 0), s
 
-    async def closed() -> int:  # client cancel: the stream is closed mid-way
-        gen = h.vllm.generate(
-            domain.GenerateRequest(prompt="Count: 1, 2,", max_new_tokens=200, trace=trace)
-        )
-        n = 0
-        async for _ in gen:
-            n += 1
-            if n == 3:
-                break
-        await gen.aclose()
-        return n
-
-    assert h.run(closed()) == 3
+    # client cancel: the stream is closed mid-way
+    req = domain.GenerateRequest(prompt="Count: 1, 2,", max_new_tokens=200, trace=trace)
+    assert h.run(_read_then_close(h, req, 3)) == 3
     _assert_no_trace_state(h)
 
     seen: list[Any] = []
