@@ -98,7 +98,7 @@ class Config(BaseSettings):
     cache_ttl_seconds: int = Field(3600, ge=1, description="TTL of every cache key in Redis")
     lru_size: int = Field(4096, ge=0, description="in-process LRU entries (0: none)")
     cache_key_prefix: str = Field(
-        "featuresteer:v1", description="namespace of cache keys: <prefix>:<kind>:<fingerprint>:…"
+        "featuresteer:v2", description="namespace of cache keys: <prefix>:<kind>:<fingerprint>:…"
     )
     cache_socket_timeout_seconds: float = Field(
         0.25, gt=0, description="Redis connect/read timeout; beyond it the LRU answers"

@@ -166,7 +166,8 @@ class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
             return convert.feature_to_pb(await catalog.get_feature(ref)).SerializeToString()
 
         key = cache.key("feature", d.fingerprint, ref.index)
-        return pb.GetFeatureResponse.FromString(await cache.get_or_compute(key, compute))
+        parse = pb.GetFeatureResponse.FromString  # also validates what Redis returns
+        return parse(await cache.get_or_compute(key, compute, parse))
 
     async def SearchFeatures(
         self, request: pb.SearchFeaturesRequest, context: Any
@@ -184,7 +185,8 @@ class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
         else:  # the query is user text of any length: its hash goes in the key
             digest = hashlib.sha256((req.query or "").lower().encode()).hexdigest()[:32]
             key = cache.key("search-text", scope.fingerprint, req.limit, digest)
-        return pb.SearchFeaturesResponse.FromString(await cache.get_or_compute(key, compute))
+        parse = pb.SearchFeaturesResponse.FromString
+        return parse(await cache.get_or_compute(key, compute, parse))
 
 
 def add_to_server(servicer: FeatureSteerServicer, server: grpc.aio.Server) -> None:

@@ -17,6 +17,7 @@ import redis
 
 from featuresteer.v1 import featuresteer_pb2 as pb
 from featuresteer.v1 import featuresteer_pb2_grpc as pb_grpc
+from featuresteer_server.cache import unwrap, wrap
 from featuresteer_server.config import load_config
 from featuresteer_server.dictionaries import load_dictionary
 from featuresteer_server.engines.hooked import HookedEngine
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
 SAE = "tiny/res-topk-128/blocks.1.hook_resid_post@v1"
 TC = "tiny/tc-96/blocks.0.ln2.hook_normalized@v1"
-PREFIX = "featuresteer:v1"
+PREFIX = "featuresteer:v2"
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ async def test_get_feature_writes_namespaced_keys_with_ttl_then_hits_redis(
         key = f"{PREFIX}:feature:{fp}:11"
         assert r.exists(key)
         assert 0 < r.ttl(key) <= 120
-        assert pb.GetFeatureResponse.FromString(r.get(key)) == first
+        assert pb.GetFeatureResponse.FromString(unwrap(key, r.get(key))) == first
         assert cache_events(srv) == {("redis", "miss"): 1}
 
         second = await stub.GetFeature(pb.GetFeatureRequest(feature=ref(SAE, 11, fp)))
@@ -142,6 +143,82 @@ async def test_concurrent_cold_requests_compute_once(engine: HookedEngine, redis
         calls = [stub.GetFeature(pb.GetFeatureRequest(feature=ref(TC, 3))) for _ in range(16)]
         results = await asyncio.gather(*calls)
         assert all(r == results[0] for r in results)
+        assert srv.state.cache.computations == 1
+
+
+async def test_garbage_and_swapped_values_in_redis_are_dropped_and_recomputed(
+    engine: HookedEngine, redis_url: str
+) -> None:
+    """Values read from Redis are untrusted: garbage, a well-formed envelope around a bad
+    payload, and a value copied from another feature's key are each refused, deleted and
+    recomputed; the client gets the right feature (before: INTERNAL, or feature 2 served
+    for feature 1)."""
+    fp = engine.dictionaries[SAE].fingerprint
+    clear(redis_url, fp)
+    key1, key2 = f"{PREFIX}:feature:{fp}:1", f"{PREFIX}:feature:{fp}:2"
+    tok_key = f"{PREFIX}:search-token:{fp}:42:3"
+    r = redis.Redis.from_url(redis_url)
+    async with serving(engine, redis_url=redis_url) as (srv, stub):
+        one = await stub.GetFeature(pb.GetFeatureRequest(feature=ref(SAE, 1)))
+        two = await stub.GetFeature(pb.GetFeatureRequest(feature=ref(SAE, 2)))
+        tok_req = pb.SearchFeaturesRequest(token_id=42, dictionary_id=SAE, limit=3)
+        tok = await stub.SearchFeatures(tok_req)
+        assert one.feature.index == 1 and two.feature.index == 2
+        good = r.get(key1)
+
+        planted = [
+            (key1, bytes(range(256)) * 4),  # garbage
+            (key1, b"\xff" * 64),  # garbage that is not protobuf either
+            (key1, good[:-5]),  # truncated
+            (key1, wrap(key1, b"\xff" * 64)),  # a valid envelope, not a GetFeatureResponse
+            (key1, r.get(key2)),  # feature 2's value under feature 1's key
+            (key1, pb.GetFeatureResponse.FromString(unwrap(key2, r.get(key2))).SerializeToString()),
+            (tok_key, b"\x00garbage"),
+        ]
+        for n, (key, value) in enumerate(planted, 1):
+            r.set(key, value, ex=60)
+            if key == tok_key:
+                assert await stub.SearchFeatures(tok_req) == tok
+            else:
+                assert await stub.GetFeature(pb.GetFeatureRequest(feature=ref(SAE, 1))) == one
+            assert cache_events(srv)[("redis", "invalid")] == n
+            assert unwrap(key, r.get(key)) != b""  # dropped, recomputed and stored again
+            assert 0 < r.ttl(key) <= 3600
+        # the recomputed entries are good hits again
+        hits = cache_events(srv).get(("redis", "hit"), 0)
+        assert await stub.GetFeature(pb.GetFeatureRequest(feature=ref(SAE, 1))) == one
+        assert cache_events(srv)[("redis", "hit")] == hits + 1
+        assert srv.state.cache.computations == 3 + len(planted)
+    r.close()
+
+
+async def test_cancelling_one_search_does_not_stall_an_identical_one(
+    engine: HookedEngine, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two identical cold SearchFeatures; the first client cancels 30 ms in. The second gets
+    its answer when the (single) computation finishes, not at its deadline."""
+    clear(redis_url, engine.dictionaries[SAE].fingerprint, engine.dictionaries[TC].fingerprint)
+    async with serving(engine, redis_url=redis_url) as (srv, stub):
+        catalog = srv.state.require_catalog()
+        search = catalog.search
+
+        async def slow_search(req: Any) -> Any:  # a cold search over many dictionaries
+            await asyncio.sleep(0.3)
+            return await search(req)
+
+        monkeypatch.setattr(catalog, "search", slow_search)
+        req = pb.SearchFeaturesRequest(query="otter meteor banjo", limit=100)
+        first = stub.SearchFeatures(req, timeout=10)
+        await asyncio.sleep(0.01)
+        second = stub.SearchFeatures(req, timeout=10)
+        await asyncio.sleep(0.03)
+        first.cancel()
+        t0 = asyncio.get_running_loop().time()
+        answer = await second
+        assert asyncio.get_running_loop().time() - t0 < 2.0
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert answer == await stub.SearchFeatures(req)  # now a Redis hit
         assert srv.state.cache.computations == 1
 
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from featuresteer.v1 import featuresteer_pb2 as pb
 from featuresteer_server import convert, domain
-from featuresteer_server.cache import LRU, FeatureCache, cache_key
+from featuresteer_server.cache import LRU, BadValue, FeatureCache, cache_key, unwrap, wrap
 from featuresteer_server.catalog import FeatureCatalog
 from featuresteer_server.config import load_config
 from featuresteer_server.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -65,7 +65,7 @@ def test_keys_are_namespaced_by_kind_and_fingerprint() -> None:
     with pytest.raises(ValueError):
         cache_key("featuresteer:v1", "feature", "", 7)
     cache = FeatureCache(None)
-    assert cache.key("search-token", "fp", 5, 20) == "featuresteer:v1:search-token:fp:5:20"
+    assert cache.key("search-token", "fp", 5, 20) == "featuresteer:v2:search-token:fp:5:20"
 
 
 async def test_lru_only_cache_computes_once_and_counts() -> None:
@@ -128,6 +128,96 @@ async def test_single_flight_error_reaches_waiters_and_is_not_cached() -> None:
         return b"fine"
 
     assert await cache.get_or_compute("k", ok) == b"fine"  # the error was not cached
+
+
+async def test_cancelled_first_caller_does_not_hurt_waiters() -> None:
+    """The first caller's client cancels 20 ms in: the second still gets the value as soon
+    as it is ready (before: it got a cancelled future and hung until its deadline)."""
+    cache = FeatureCache(None, lru_size=8)
+    calls = 0
+
+    async def compute() -> bytes:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.1)
+        return b"value"
+
+    first = asyncio.create_task(cache.get_or_compute("cold", compute))
+    await asyncio.sleep(0.005)
+    second = asyncio.create_task(cache.get_or_compute("cold", compute))
+    await asyncio.sleep(0.015)
+    first.cancel()
+    t0 = time.perf_counter()
+    assert await asyncio.wait_for(second, 2.0) == b"value"
+    assert time.perf_counter() - t0 < 0.5
+    assert first.cancelled()
+    assert calls == 1 and not cache._inflight  # the work was not restarted
+    assert await cache.get_or_compute("cold", compute) == b"value" and calls == 1
+
+
+async def test_computation_is_cancelled_when_every_caller_left() -> None:
+    cache = FeatureCache(None, lru_size=8)
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> bytes:
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b"never"
+
+    tasks = [asyncio.create_task(cache.get_or_compute("k", slow)) for _ in range(2)]
+    await started.wait()
+    tasks[0].cancel()
+    await asyncio.sleep(0.01)
+    assert not cancelled.is_set()  # one caller still waits
+    tasks[1].cancel()
+    await asyncio.wait_for(cancelled.wait(), 1.0)
+    assert not cache._inflight
+
+    async def fast() -> bytes:
+        return b"fresh"
+
+    assert await cache.get_or_compute("k", fast) == b"fresh"  # nothing stale was kept
+
+
+async def test_waiter_recomputes_when_the_computation_cancels_itself() -> None:
+    cache = FeatureCache(None, lru_size=8)
+    calls = 0
+
+    async def flaky() -> bytes:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        if calls == 1:
+            raise asyncio.CancelledError  # e.g. an executor shut down under it
+        return b"second try"
+
+    assert await asyncio.wait_for(cache.get_or_compute("k", flaky), 1.0) == b"second try"
+    assert calls == 2
+
+
+def test_envelope_echoes_the_key_and_refuses_anything_else() -> None:
+    key = "featuresteer:v2:feature:fp:7"
+    value = wrap(key, b"payload")
+    assert key.encode() in value and len(value) == len(b"payload") + 22 + len(key)
+    assert unwrap(key, value) == b"payload"
+    assert unwrap(key, wrap(key, b"")) == b""
+    bad = [
+        b"",
+        b"payload",  # format 1: the bare payload
+        b"fsc2",
+        value[:-1],  # truncated
+        value[:10],
+        value[:-1] + bytes([value[-1] ^ 1]),  # a flipped bit
+        wrap("featuresteer:v2:feature:fp:8", b"payload"),  # another key's value
+        bytes(range(256)),
+    ]
+    for v in bad:
+        with pytest.raises(BadValue):
+            unwrap(key, v)
 
 
 async def test_unreachable_redis_degrades_to_lru_quickly_and_backs_off() -> None:
