@@ -1,11 +1,19 @@
 """Attribution jobs: bounded concurrency, a bounded queue, progress, cancellation, and
 finished results kept for a configured time (GetAttribution). Torch-free: the engine does the
 work; this module only schedules it and remembers the outcome.
+
+Cancellation (``JobStore.cancel``): a queued job is finished as CANCELLED at once, so its
+queue slot is free for the next submission; a running job's ``cancel`` event is set and the
+engine stops at its next check (between backward batches). ``cancel_all`` does this for every
+job (server stop). A failed job keeps its exception for the Attribute stream and a message
+for GetAttribution that is safe to show: a domain error's own message, else a generic
+"internal error (request id …)" whose id is in the log with the traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -13,8 +21,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from featuresteer_server.errors import NotFound, ResourceExhausted
+import grpc
 
+from featuresteer_server.errors import NotFound, ResourceExhausted, status_for
+
+log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ProgressFn = Callable[[str, float], None]
 
@@ -27,6 +38,7 @@ class Job:
     fraction: float = 0.0
     result: Any = None
     error: BaseException | None = None
+    error_message: str = ""  # what GetAttribution shows (see ``public_error``)
     cancel: threading.Event = field(default_factory=threading.Event)
     finished_at: float | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -38,6 +50,22 @@ class Job:
 
     def _touch(self) -> None:
         self.changed.set()
+
+
+def public_error(exc: BaseException, job_id: str) -> str:
+    """The message a client may see for a failed job: a domain error's own message (it has a
+    status code of its own), else a generic one whose request id is logged with the
+    traceback (raw exception text can leak paths, tensors or internals)."""
+    if status_for(exc) != grpc.StatusCode.INTERNAL:
+        return str(exc)
+    request_id = uuid.uuid4().hex[:12]
+    log.error(
+        "attribution job %s failed (request id %s)",
+        job_id,
+        request_id,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    return f"internal error (request id {request_id})"
 
 
 class JobStore:
@@ -88,6 +116,7 @@ class JobStore:
             except Exception as exc:  # kept for the stream and GetAttribution
                 job.state = CANCELLED if job.cancel.is_set() else FAILED
                 job.error = exc
+                job.error_message = public_error(exc, job.id)
             finally:
                 job.finished_at = time.monotonic()
                 job._touch()
@@ -103,6 +132,18 @@ class JobStore:
             raise NotFound(f"job_id: no attribution job {job_id!r} (unknown or expired)")
         return job
 
+    def cancel(self, job: Job) -> None:
+        """Stop ``job``: a queued one is CANCELLED now (its slot is free for the next
+        submission), a running one stops at the engine's next cancel check."""
+        job.cancel.set()
+        if job.state == QUEUED and job.task is not None and not job.task.done():
+            job.state, job.stage = CANCELLED, "cancelled"
+            job.finished_at = time.monotonic()
+            job._touch()
+            job.task.cancel()  # leaves the semaphore's queue without ever acquiring it
+
     def cancel_all(self) -> None:
-        for job in self._jobs.values():
-            job.cancel.set()
+        """Cancel every unfinished job (server stop)."""
+        for job in list(self._jobs.values()):
+            if not job.done:
+                self.cancel(job)

@@ -55,6 +55,9 @@ class RunningServer:
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.state.config.grace_seconds if grace is None else grace)
+        # detached or still-queued attributions outlive their RPCs: stop them, so the engine's
+        # shutdown does not wait for whole graphs
+        self.state.jobs.cancel_all()
         for task in (self._load_task, self._stats_task):
             if task is not None and not task.done():
                 task.cancel()

@@ -142,7 +142,7 @@ class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
             yield convert.attribution_result_to_pb(job.id, job.result)
         finally:
             if not finished and not req.detach:  # the client went away: free the work
-                job.cancel.set()
+                self.state.jobs.cancel(job)
 
     async def GetAttribution(
         self, request: pb.GetAttributionRequest, context: Any
@@ -150,7 +150,7 @@ class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
         if not request.job_id:
             raise InvalidArgument("job_id", "required")
         job = self.state.jobs.get(request.job_id)
-        error = f"{type(job.error).__name__}: {job.error}" if job.error is not None else ""
+        error = job.error_message  # never raw exception text (jobs.public_error)
         result = job.result if job.state == jobs.DONE else None
         return convert.job_to_pb(job.id, job.state, job.stage, job.fraction, result, error)
 

@@ -3,8 +3,12 @@ direct call of the attribution engine, ranking, limits and cancellation."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -12,6 +16,7 @@ import pytest_asyncio
 
 from featuresteer.v1 import featuresteer_pb2 as pb
 from featuresteer.v1 import featuresteer_pb2_grpc as pb_grpc
+from featuresteer_server import jobs
 from featuresteer_server.attribution import attribute
 from featuresteer_server.config import load_config
 from featuresteer_server.server import RunningServer, start_server
@@ -155,6 +160,104 @@ async def test_queue_full_is_resource_exhausted_and_cancel_frees_the_job(stub) -
         c async for c in stub.Attribute(pb.AttributeRequest(prompt=PROMPT, max_feature_nodes=20))
     ]
     assert chunks[-1].HasField("graph")
+
+
+@asynccontextmanager
+async def own_server(engine, **cfg: Any) -> AsyncIterator[tuple[RunningServer, Any]]:  # type: ignore[no-untyped-def]
+    config = load_config(port=0, metrics_enabled=False, catalog=None, **cfg)
+    srv = await start_server(config, engine=engine)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            yield srv, pb_grpc.FeatureSteerStub(channel)
+    finally:
+        await srv.server.stop(0)
+
+
+async def wait_state(stub, job_id: str, state: int, tries: int = 100) -> int:  # type: ignore[no-untyped-def]
+    for _ in range(tries):
+        got = (await stub.GetAttribution(pb.GetAttributionRequest(job_id=job_id))).state
+        if got == state:
+            break
+        await asyncio.sleep(0.02)
+    return int(got)
+
+
+async def test_cancelling_a_queued_job_frees_its_slot_at_once(engine) -> None:  # type: ignore[no-untyped-def]
+    """One job runs (held in its forward pass by the model lock), one is queued, the queue is
+    full; the queued client cancels: a new submission is accepted while the first still
+    runs (before: the slot stayed taken until the cancelled job reached the front)."""
+    req = pb.AttributeRequest(prompt=PROMPT, max_feature_nodes=20)
+    async with own_server(engine, max_queued_attributions=1) as (_, stub):
+        engine.model_lock.acquire()
+        try:
+            running = stub.Attribute(req)
+            head = await running.read()
+            assert await wait_state(stub, head.job_id, pb.JOB_STATE_RUNNING) == (
+                pb.JOB_STATE_RUNNING
+            )
+            queued = stub.Attribute(req)
+            queued_head = await queued.read()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Attribute(req):
+                    pass
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            queued.cancel()
+            state = await wait_state(stub, queued_head.job_id, pb.JOB_STATE_CANCELLED)
+            assert state == pb.JOB_STATE_CANCELLED
+            third = stub.Attribute(req)
+            third_head = await third.read()  # accepted
+            assert third_head.job_id
+            got = await stub.GetAttribution(pb.GetAttributionRequest(job_id=head.job_id))
+            assert got.state == pb.JOB_STATE_RUNNING  # the first still holds its slot
+        finally:
+            engine.model_lock.release()
+        for call in (running, third):
+            last = await call.read()
+            while (chunk := await call.read()) is not grpc.aio.EOF:
+                last = chunk
+            assert last.HasField("graph")
+
+
+async def test_server_stop_cancels_detached_and_queued_jobs(tmp_path: Path) -> None:
+    """RunningServer.stop cancels the jobs that outlive their RPCs (detached or queued), so
+    the engine's shutdown does not wait for whole graphs."""
+    own = tiny_engine(tmp_path, all_transcoders=True)  # stop() shuts its engine down
+    config = load_config(port=0, metrics_enabled=False, catalog=None, max_queued_attributions=2)
+    srv = await start_server(config, engine=own)
+    req = pb.AttributeRequest(prompt=PROMPT, max_feature_nodes=20, detach=True)
+    own.model_lock.acquire()  # the running job waits in its forward pass
+    release = threading.Timer(0.3, own.model_lock.release)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = pb_grpc.FeatureSteerStub(channel)
+            ids = [(await stub.Attribute(req).read()).job_id for _ in range(2)]
+        jobs_ = [srv.state.jobs.get(i) for i in ids]
+        assert [j.state for j in jobs_] == [jobs.RUNNING, jobs.QUEUED]
+        release.start()  # (a thread: engine shutdown blocks the event loop while it waits)
+        await srv.stop(grace=0)
+        await asyncio.wait_for(asyncio.gather(*(j.task for j in jobs_)), 10)  # type: ignore[misc]
+        assert [j.state for j in jobs_] == [jobs.CANCELLED, jobs.CANCELLED]
+        assert jobs_[0].result is None
+    finally:
+        release.cancel()
+        if own.model_lock.locked() and not release.is_alive():
+            own.model_lock.release()
+
+
+async def test_get_attribution_hides_internal_error_text(engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA error at /opt/secret/kernel.cu:42")
+
+    monkeypatch.setattr(engine, "attribute", broken)
+    async with own_server(engine) as (_, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for chunk in stub.Attribute(pb.AttributeRequest(prompt=PROMPT, detach=True)):
+                job_id = chunk.job_id
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        got = await stub.GetAttribution(pb.GetAttributionRequest(job_id=job_id))
+        assert got.state == pb.JOB_STATE_FAILED
+        assert got.error.startswith("internal error (request id ")
+        assert "secret" not in got.error and "RuntimeError" not in got.error
 
 
 async def test_unknown_job(stub) -> None:  # type: ignore[no-untyped-def]
