@@ -115,6 +115,13 @@ class Config(BaseSettings):
     max_features_per_call: int = Field(256, ge=1)
     max_new_tokens: int = Field(512, ge=1)
     max_interventions: int = Field(32, ge=1)
+    max_edit_norm_ratio: float = Field(
+        100.0,
+        gt=0,
+        le=1e4,
+        description="an intervention may add at most this many times the hook's typical "
+        "per-token norm (docs/steering.md#limits); beyond: INVALID_ARGUMENT",
+    )
     max_attribution_tokens: int = Field(64, ge=1)
     max_feature_nodes: int = Field(500, ge=1)
     max_search_limit: int = Field(100, ge=1, description="SearchFeatures limit cap")

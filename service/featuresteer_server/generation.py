@@ -12,7 +12,9 @@ Hook mapping for block L (``layers = model.model.layers``):
     hook_mlp_out         forward hook on layers[L].mlp
     hook_resid_post      forward hook on layers[L]
 At each hook the pre-edit activation is captured first (for transcoder reads, ``when``
-conditions and the trace), then the spec's edits at that hook are applied.
+conditions and the trace), then the spec's edits at that hook are applied. Edited rows, and a
+steered run's input to the final norm, must be finite: otherwise the run stops with
+``interventions.nonfinite_error`` (INVALID_ARGUMENT naming the interventions).
 
 Positions: a pre-hook on the embedding counts the tokens each forward feeds (prefill rows
 0..P-1, then one row per decode step), so every row carries its absolute position; the
@@ -35,6 +37,9 @@ from torch import Tensor
 from featuresteer_server import domain, interventions
 from featuresteer_server.interventions import SteeringSpec
 from featuresteer_server.tokenization import Token, Tokenizer
+
+# what a non-finite error names when the rows went non-finite after the last edit hook
+FINAL_NORM = "the final norm's input"
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,8 @@ class HookSession:
         self._handles.append(m.model.embed_tokens.register_forward_pre_hook(self._on_embed))
         if self.keep_logits:
             self._handles.append(m.lm_head.register_forward_hook(self._on_logits))
+        if not self.spec.empty:  # steered rows must stay finite downstream of the edits too
+            self._handles.append(m.model.norm.register_forward_pre_hook(self._on_final_norm))
         for layer, kinds in layers.items():
             block = m.model.layers[layer]
             pre = f"blocks.{layer}."
@@ -187,7 +194,13 @@ class HookSession:
             special=self.special,
             captured=self.captured,
         )
+        if bool(interventions.nonfinite_rows(edited).any()):
+            raise interventions.nonfinite_error(self.spec, hook)
         return edited.unsqueeze(0)
+
+    def _on_final_norm(self, module: Any, args: tuple[Any, ...]) -> None:
+        if bool(interventions.nonfinite_rows(args[0][0]).any()):  # [T, d] the last residual
+            raise interventions.nonfinite_error(self.spec, FINAL_NORM)
 
     # -- hooks
     def _on_embed(self, module: Any, args: tuple[Any, ...]) -> None:

@@ -9,11 +9,14 @@ of ONE request (or of several requests sharing one spec, with per-row ``prompt_l
 
 API (stable; the vLLM worker and the hooked engine both use it):
 
-    spec = compile_steering(interventions, dictionaries, hook_names=..., d_model=...)
+    spec = compile_steering(interventions, dictionaries, hook_names=..., d_model=...,
+                            bounds=EditBounds(hook_scales, max_ratio))
         interventions: Sequence[domain.Intervention]
         dictionaries:  Mapping[str, Dictionary]        (id -> loaded dictionary)
         hook_names:    Collection[str]                 (hooks this engine can edit/read)
         d_model:       int                             (width of every steerable hook)
+        bounds:        EditBounds | None               (engines always pass theirs; None
+                                                        keeps only the absolute value cap)
       -> SteeringSpec, or raises NotFound / FailedPrecondition / InvalidArgument naming the
          field (``interventions[2].feature.index``). Empty interventions -> ``spec.empty``,
          ``spec.fingerprint == ""``.
@@ -55,6 +58,22 @@ contrib_i(v) = v·d_i honouring ``rescale_acts_by_decoder_norm``):
     special-token rows. ``when``: rows where the condition feature's pre-edit activation is
     strictly above the threshold; its hook must not come after the edit's hook.
     ABLATE of an inactive feature, CLAMP to the current value and ADD 0 give δ = 0 exactly.
+
+Bounds (DESIGN.md "No request can affect another"; docs/steering.md#limits). Every value is
+finite and |value| ≤ ``MAX_ABS_VALUE``. With ``EditBounds`` (``scale(h)``: the typical
+per-token norm at hook h, measured by the engine at load; R: ``max_ratio``), the norm of what
+one edit can add per token is refused beyond R·scale(h), checked at compile time, before any
+work:
+    feature ADD   |s|·‖d_i‖ ≤ R·scale(h)         vector ADD   |s|·‖v‖ ≤ R·scale(h)
+    ADD normalize |s| ≤ R (δ = s·‖x‖·unit)        SCALE        |k| ≤ R
+    feature CLAMP |c|·‖d_i‖ ≤ R·scale(h)         vector CLAMP |c| ≤ R·scale(h)
+(‖v‖ is computed in float64, so a vector whose float32 norm overflows is measured, not
+mistaken for inf/NaN; ABLATE/CLAMP/SCALE only use its direction.) Violations are
+INVALID_ARGUMENT naming ``interventions[i].value`` (or ``.vector.values``).
+At run time an engine checks the rows it edited with ``nonfinite_rows`` and, for a request
+whose rows are not finite anyway (a bug, or a dtype with a small range), aborts only that
+request with ``nonfinite_error`` (INVALID_ARGUMENT naming its interventions): nothing
+non-finite may reach a shared KV cache.
 """
 
 from __future__ import annotations
@@ -98,6 +117,33 @@ STEERABLE_KINDS = (
 )
 
 
+# |value| of any intervention (and ``when.above``); far beyond any useful steering strength
+MAX_ABS_VALUE = 1e6
+# an edit may add at most this many times the hook's typical per-token norm
+DEFAULT_MAX_EDIT_RATIO = 100.0
+
+
+@dataclass(frozen=True)
+class EditBounds:
+    """What one edit may add per token, relative to each hook's scale.
+
+    Attributes:
+        hook_scales: hook name -> typical per-token ‖x‖ there (the engine's load-time
+            measurement, ``hook_scales`` of the hooked engine; > 0).
+        max_ratio: R, the most an edit may add in units of the hook's scale.
+    """
+
+    hook_scales: Mapping[str, float]
+    max_ratio: float = DEFAULT_MAX_EDIT_RATIO
+
+    def limit(self, hook: str) -> float:
+        """The largest ‖δ‖ per token an edit at ``hook`` may add."""
+        scale = self.hook_scales.get(hook)
+        if scale is None or not math.isfinite(scale) or scale <= 0:
+            raise RuntimeError(f"engine bug: no scale measured for hook {hook!r}")
+        return self.max_ratio * scale
+
+
 def hook_order(hook_name: str) -> tuple[int, int]:
     """Sort key putting hooks in forward order; ValueError for hooks outside ``_KIND_ORDER``."""
     m = _BLOCK.match(hook_name)
@@ -126,7 +172,9 @@ class Edit:
     read_hook: str
     dictionary: Any = None  # Dictionary for feature edits
     index: int = -1
-    vector: Tensor | None = None  # [d] float32 for raw-vector edits
+    vector: Tensor | None = None  # [d] float32 for raw-vector edits (ADD: the vector itself)
+    unit: Tensor | None = None  # [d] float32 v̂, computed in float64 (raw-vector edits)
+    positions_t: Tensor | None = None  # [p] int64 ``positions`` once, not per forward
     when_dictionary: Any = None
     when_index: int = -1
     when_above: float = 0.0
@@ -152,7 +200,14 @@ class SteeringSpec:
         """The same spec with raw vectors on ``device`` (dictionaries are moved by their
         owner)."""
         edits = tuple(
-            e if e.vector is None else _replace(e, vector=e.vector.to(device)) for e in self.edits
+            e
+            if e.vector is None
+            else _replace(
+                e,
+                vector=e.vector.to(device),
+                unit=e.unit.to(device) if e.unit is not None else None,
+            )
+            for e in self.edits
         )
         return _build(edits, self.fingerprint, self.dictionaries)
 
@@ -166,7 +221,35 @@ def _replace(e: Edit, **kw: Any) -> Edit:
 def _finite(v: float, field_name: str) -> float:
     if not math.isfinite(v):
         raise InvalidArgument(field_name, f"must be finite, got {v}")
+    if abs(v) > MAX_ABS_VALUE:
+        raise InvalidArgument(field_name, f"|{v:g}| > {MAX_ABS_VALUE:g}, the most any edit takes")
     return float(v)
+
+
+def _bounded(
+    f: str, op: Op, value: float, normalize: bool, hook: str, norm: float, bounds: EditBounds
+) -> None:
+    """Refuse an edit that could add more than R·scale(hook) per token (module docstring).
+    ``norm``: ‖d_i‖ of a feature, ‖v‖ of a raw vector (float64)."""
+    r = bounds.max_ratio
+    if op is Op.ABLATE:
+        return
+    if (op is Op.ADD and normalize) or op is Op.SCALE:
+        if abs(value) > r:
+            what = "ADD with normalize" if normalize else "SCALE"
+            raise InvalidArgument(
+                f"{f}.value", f"|{value:g}| > {r:g}: {what} may change a token by at most "
+                f"{r:g}× its own norm (max_edit_norm_ratio)",
+            )  # fmt: skip
+        return
+    limit = bounds.limit(hook)
+    added = abs(value) * norm if not math.isinf(norm) else math.inf
+    if added > limit:
+        raise InvalidArgument(
+            f"{f}.value",
+            f"this edit adds a vector of norm {added:.4g} per token at {hook}; the limit is "
+            f"{limit:.4g} ({r:g}× the hook's typical norm {limit / r:.4g}, max_edit_norm_ratio)",
+        )
 
 
 def _lookup(ref: domain.FeatureRef, dictionaries: Mapping[str, Any], field_name: str) -> Any:
@@ -189,6 +272,7 @@ def compile_steering(
     *,
     hook_names: Collection[str],
     d_model: int,
+    bounds: EditBounds | None = None,
 ) -> SteeringSpec:
     """Validate ``interventions`` and compile them (see the module docstring)."""
     hooks = set(hook_names)
@@ -228,6 +312,9 @@ def compile_steering(
                     raise InvalidArgument(
                         f"{f}.feature.dictionary_id", f"this engine cannot steer at hook {h!r}"
                     )
+            if bounds is not None and iv.op is not Op.ABLATE:
+                norm = float(d.decoder_direction(int(iv.feature.index)).double().norm())
+                _bounded(f, iv.op, value, iv.normalize, hook, norm, bounds)
             key: tuple[Any, ...] = ("feature", d.id, iv.feature.index, hook)
             edit = Edit(
                 f, iv.op, value, iv.normalize, iv.apply_to, tuple(iv.positions), hook,
@@ -250,14 +337,23 @@ def compile_steering(
             vec = torch.tensor(iv.vector.values, dtype=torch.float32)  # [d]
             if not bool(torch.isfinite(vec).all()):
                 raise InvalidArgument(f"{f}.vector.values", "must all be finite")
+            v64 = vec.double()  # its norm may overflow float32 although every value is finite
+            norm = float(v64.norm())
             needs_unit = iv.op is not Op.ADD or iv.normalize
-            if needs_unit and float(vec.norm()) == 0.0:
+            if needs_unit and norm == 0.0:
                 raise InvalidArgument(f"{f}.vector.values", "a zero vector has no direction")
+            if bounds is not None:  # CLAMP sets the projection on v̂: its unit norm counts
+                _bounded(
+                    f, iv.op, value, iv.normalize, hook, norm if iv.op is Op.ADD else 1.0, bounds
+                )
+            elif iv.op is Op.ADD and not iv.normalize and not math.isfinite(abs(value) * norm):
+                raise InvalidArgument(f"{f}.vector.values", "the vector's norm overflows")
+            unit = (v64 / norm).to(torch.float32) if norm > 0 else None  # [d]
             digest = hashlib.sha256(vec.numpy().tobytes()).hexdigest()
             key = ("vector", hook, digest)
             edit = Edit(
                 f, iv.op, value, iv.normalize, iv.apply_to, tuple(iv.positions), hook, hook,
-                vector=vec,
+                vector=vec, unit=unit,
             )  # fmt: skip
             item["vector"] = [hook, digest]
         if key in seen:
@@ -288,6 +384,8 @@ def compile_steering(
             )
             used[cd.id] = cd.fingerprint
             item["when"] = [cd.id, cd.fingerprint, int(iv.when.feature.index), above.hex()]
+        if edit.positions:
+            edit = _replace(edit, positions_t=torch.tensor(edit.positions, dtype=torch.long))
         edits.append(edit)
         canon.append(item)
     if not edits:
@@ -317,8 +415,10 @@ def _build(edits: tuple[Edit, ...], fingerprint: str, used: dict[str, str]) -> S
 def row_mask(e: Edit, positions: Tensor, prompt_len: int | Tensor, special: Tensor) -> Tensor:
     """[n] bool: rows the edit's scope covers (before ``when``)."""
     if e.positions:
-        wanted = torch.tensor(e.positions, dtype=positions.dtype, device=positions.device)
-        return torch.isin(positions, wanted)
+        wanted = e.positions_t
+        if wanted is None:
+            wanted = torch.tensor(e.positions, dtype=torch.long)
+        return torch.isin(positions, wanted.to(device=positions.device, dtype=positions.dtype))
     if e.apply_to is ApplyTo.PROMPT:
         mask = positions < prompt_len
     elif e.apply_to is ApplyTo.GENERATED:
@@ -380,16 +480,16 @@ def apply(
                 step = (target - a).unsqueeze(-1) * d_i  # [n, d]
         else:
             assert e.vector is not None
-            v = e.vector.to(xf.device)  # [d]
-            if e.op is Op.ADD:
-                if e.normalize:
-                    step = (e.value * xf.norm(dim=-1, keepdim=True)) * (v / v.norm())
-                else:
-                    step = (e.value * v).expand_as(xf)
+            if e.op is Op.ADD and not e.normalize:
+                step = (e.value * e.vector.to(xf.device)).expand_as(xf)
             else:
-                unit = v / v.norm()
-                proj = xf @ unit  # [n]
-                step = (_target(e, proj) - proj).unsqueeze(-1) * unit
+                assert e.unit is not None
+                unit = e.unit.to(xf.device)  # [d] v̂, computed in float64 at compile time
+                if e.op is Op.ADD:
+                    step = (e.value * xf.norm(dim=-1, keepdim=True)) * unit
+                else:
+                    proj = xf @ unit  # [n]
+                    step = (_target(e, proj) - proj).unsqueeze(-1) * unit
         delta = delta + torch.where(mask.unsqueeze(-1), step, torch.zeros_like(step))
     return (xf + delta).to(x.dtype)
 
@@ -401,3 +501,20 @@ def _target(e: Edit, a: Tensor) -> Tensor:
     if e.op is Op.CLAMP:
         return torch.full_like(a, e.value)
     return torch.zeros_like(a)  # ABLATE
+
+
+def nonfinite_rows(x: Tensor) -> Tensor:
+    """[n] bool: rows of ``x`` [n, d] holding a NaN or an infinity."""
+    return ~torch.isfinite(x).all(dim=-1)
+
+
+def nonfinite_error(spec: SteeringSpec, hook: str) -> InvalidArgument:
+    """The error a request gets when its steered rows are not finite at ``hook``: names the
+    edits at that hook, or every edit when the rows went non-finite downstream of them."""
+    edits = spec.edits_at(hook) or spec.edits
+    fields = ", ".join(e.field for e in edits)
+    return InvalidArgument(
+        edits[0].field if len(edits) == 1 else "interventions",
+        f"steering made the activations at {hook} non-finite ({fields}); the request was "
+        "aborted: use a smaller value",
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import tempfile
 import time
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 from featuresteer_server import domain, generation, interventions, models  # noqa: E402
 from featuresteer_server.dictionaries import load_dictionary  # noqa: E402
 from featuresteer_server.engines.hooked import HookedEngine  # noqa: E402
+from featuresteer_server.errors import InvalidArgument  # noqa: E402
 from featuresteer_server.tokenization import Tokenizer  # noqa: E402
 from tests.support import write_random_dictionary  # noqa: E402
 
@@ -58,9 +60,11 @@ class Harness:
             ),
             dictionary_id=TC,
         )  # fmt: skip
+        # no relative edit bound (only the absolute value cap), so that a request can overflow
+        # at run time and reach the worker's isolation guard (test_nonfinite_...)
         self.hooked = HookedEngine(
             tl, Tokenizer(tok), [sae, tc], model_name="smollm2-135m-instruct",
-            weights_hash="test", hf_model=hf,
+            weights_hash="test", hf_model=hf, max_edit_norm_ratio=math.inf,
         )  # fmt: skip
         opts = VllmOptions(max_model_len=512, max_num_batched_tokens=64, kv_cache_gib=1)
         self.vllm = self.run(VllmEngine.create(self.hooked, self.model_dir, opts))
@@ -541,3 +545,62 @@ def test_trace_state_dropped_after_finish_and_cancel(h: Harness) -> None:
     h.run(expire())
     assert seen and all(c.trace for c in seen if c.token is not None)
     _assert_no_trace_state(h)
+
+
+# the hardening issue's repro: six unsteered greedy requests, the poisoning request, the six again
+ISSUE_PROMPTS = (
+    "Hello",
+    "I think that",
+    "Water boils at",
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+)
+
+
+def test_nonfinite_request_is_aborted_and_other_clients_unharmed(h: Harness) -> None:
+    """A request whose steered rows overflow at run time is aborted with INVALID_ARGUMENT
+    naming its intervention before any token is streamed; the worker zeroed its rows, so the
+    KV-cache blocks it frees hold nothing non-finite and later requests are unharmed (before
+    the guard, all six answered <|endoftext|> x4 afterwards)."""
+
+    async def greedy(prompt: str) -> list[int]:
+        chunks = await h.collect(domain.GenerateRequest(prompt=prompt, max_new_tokens=4))
+        return [c.token.id for c in chunks if c.token is not None]
+
+    async def go() -> tuple[list[list[int]], list[list[int]], list[Any]]:
+        before = [await greedy(p) for p in ISSUE_PROMPTS]
+        errors: list[Any] = []
+        issue_req = domain.GenerateRequest(
+            prompt="The capital of France is",
+            max_new_tokens=4,
+            interventions=(add(5, 3.4028235e38),),
+        )
+        huge = domain.VectorTarget("blocks.12.hook_resid_post", (1.7e38,) * D)  # finite
+        overflow_req = domain.GenerateRequest(  # 4 x 1.7e38 overflows float32 in the edit
+            prompt="The capital of France is",
+            max_new_tokens=4,
+            interventions=(domain.Intervention(op=domain.Op.ADD, value=4.0, vector=huge),),
+        )
+        for req in (issue_req, overflow_req):
+            streamed: list[Any] = []
+            try:
+                async for chunk in h.vllm.generate(req):
+                    streamed.append(chunk)
+            except InvalidArgument as exc:
+                errors.append((exc, streamed))
+        after = [await greedy(p) for p in ISSUE_PROMPTS]
+        return before, after, errors
+
+    h.run(h.vllm.reset_stats())
+    before, after, errors = h.run(go())
+    assert len(errors) == 2
+    (refused, none1), (aborted, none2) = errors
+    assert refused.field == "interventions[0].value" and not none1  # refused before any work
+    assert aborted.field == "interventions[0]" and "non-finite" in aborted.reason
+    assert not none2  # no token computed from the zeroed rows was streamed
+    assert h.run(h.vllm.stats())["nonfinite_requests_total"] == 1
+    eot = h.hooked.tokenizer.eos_id
+    assert all(toks and any(t != eot for t in toks) for toks in before)
+    assert after == before
+    assert h.vllm.llm.output_processor.get_num_unfinished_requests() == 0

@@ -162,3 +162,38 @@ async def test_deadline_exceeded_then_served(stub) -> None:  # type: ignore[no-u
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     chunks = await asyncio.wait_for(stream(stub, max_new_tokens=4), timeout=60)
     assert len(ids(chunks)) == 4
+
+
+ISSUE_PROMPTS = (
+    "Hello",
+    "I think that",
+    "Water boils at",
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+)
+
+
+async def test_poisoning_request_refused_and_others_unharmed(stub) -> None:  # type: ignore[no-untyped-def]
+    """The hardening issue's repro on the hooked engine: a finite but absurd ADD (float32's
+    max) is refused before any work, naming the field; other clients' greedy output is the
+    same before and after (tests/e2e/test_vllm.py replays it on the vLLM engine)."""
+    before = [ids(await stream(stub, prompt=p, max_new_tokens=4)) for p in ISSUE_PROMPTS]
+    for value in (3.4028235e38, 1e20, -1e6):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stream(
+                stub,
+                prompt="The capital of France is",
+                max_new_tokens=4,
+                interventions=[
+                    IV(feature=pb.FeatureRef(dictionary_id=SAE, index=5), op=IV.OP_ADD, value=value)
+                ],
+            )
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (e.value.details() or "").startswith("interventions[0].value:")
+    huge = pb.VectorTarget(hook_name="blocks.1.hook_resid_post", values=[1.7e38] * 64)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stream(stub, interventions=[IV(vector=huge, op=IV.OP_ADD, value=1.0)])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = [ids(await stream(stub, prompt=p, max_new_tokens=4)) for p in ISSUE_PROMPTS]
+    assert after == before

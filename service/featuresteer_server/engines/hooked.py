@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 _DONE = object()  # end of a generation stream
 T = TypeVar("T")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+# the text each hook's typical norm is measured on (EditBounds); ordinary English prose
+HOOK_SCALE_TEXT = (
+    "The museum opened its new wing last spring, and visitors have been arriving ever since. "
+    "Most of them come for the paintings, but many stay for the garden behind the building, "
+    "where a small cafe serves tea and cake. In the evening the lights along the river make "
+    "the old bridge look brighter than it does during the day."
+)
 
 
 def hook_layer(hook_name: str) -> int | None:
@@ -63,6 +70,7 @@ class HookedEngine(Engine):
         max_tokens_per_input: int | None = None,
         hf_model: Any = None,
         attribution: AttributionSettings | None = None,
+        max_edit_norm_ratio: float = interventions.DEFAULT_MAX_EDIT_RATIO,
     ) -> None:
         self.model = model
         # the source transformers model: generation runs on it (TransformerLens's generate
@@ -87,6 +95,10 @@ class HookedEngine(Engine):
         self.attribution = attribution or AttributionSettings()
         self._attr_executor = ThreadPoolExecutor(
             max_workers=self.attribution.max_concurrent, thread_name_prefix="attribution"
+        )
+        # what one steering edit may add, relative to each hook's typical norm (measured once)
+        self.edit_bounds = interventions.EditBounds(
+            self._measure_hook_scales(), max_edit_norm_ratio
         )
 
     # -- dictionaries
@@ -327,6 +339,21 @@ class HookedEngine(Engine):
         return await asyncio.to_thread(self._token_promoters_sync, d, token_id, limit)
 
     # -- generate
+    def _measure_hook_scales(self) -> dict[str, float]:
+        """Median per-token ‖x‖ at every steerable hook over a fixed calibration text
+        (special tokens left out: BOS has an outsized norm); the unit of ``EditBounds``."""
+        hooks = set(self.steering_hooks())
+        if not hooks:
+            return {}
+        ids = self.tokenizer.encode(HOOK_SCALE_TEXT, True)
+        keep = torch.tensor([i not in self.tokenizer.special_ids for i in ids])  # [pos]
+        acts = self.forward_cache([ids], hooks)
+        scales = {}
+        for h, x in acts.items():
+            norms = x[0].float().norm(dim=-1)[keep]  # [pos]
+            scales[h] = max(float(norms.median()), 1e-6)
+        return scales
+
     def steering_hooks(self) -> tuple[str, ...]:
         """Hooks generation can read and edit (forward order)."""
         have = set(self.hook_names)
@@ -390,6 +417,7 @@ class HookedEngine(Engine):
             self.dictionaries,
             hook_names=self.steering_hooks(),
             d_model=int(self.model.cfg.d_model),
+            bounds=self.edit_bounds,
         )
         trace = self._trace_plan(req.trace)
         prompt = self._prompt_ids(req)

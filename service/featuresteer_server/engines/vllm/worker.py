@@ -35,10 +35,24 @@ not) has its rows at positions >= its prompt length read, PRE-edit, at that dict
 hook (the same capture point steering reads use: a transcoder at ``ln2.hook_normalized``),
 encoded in float32 with the worker's copy of the dictionary and reported by
 ``generation.TracePlan.report``; the result waits in ``{key: {position: pairs}}`` until the
-engine takes it with ``fs_pop_traces`` (a token's trace exists once the token is fed back in,
-i.e. once the next token of its request has been sampled). ``key`` is the engine's request id,
-sent in the payload: vLLM gives each request an internal id (the engine's plus a random
-suffix), which is what the runner shows here. Trace reads never write a row.
+engine takes it with ``fs_poll`` (a token's trace exists once the token is fed back in,
+i.e. once the next token of its request has been sampled; ``fs_poll`` also returns faults).
+``key`` is the engine's request id, sent in the trace and the steering payloads: vLLM gives
+each request an internal id (the engine's plus a random suffix), which is what the runner
+shows here. Trace reads never write a row.
+
+Isolation guard (DESIGN.md "No request can affect another"): a request's rows land in its own
+KV-cache blocks, and blocks are reused by later requests once freed, so nothing non-finite may
+ever be written there. The engine bounds every edit before sending it (``EditBounds``: the
+worker compiles with the same bounds); on top of that, every edited row is checked, and so are
+the steered rows, from the first edited layer on, at each layer's input (the residual pair),
+at its attention's input (the normed rows its keys and values are computed from: a finite but
+huge residual can turn into NaN inside a norm) and at the final norm's input (one ``isfinite``
+over the steered rows only). A request whose rows are not finite has those rows replaced by zeros
+(finite K/V, a finite residual, sampled logits that cannot break the batch's sampler) and is
+recorded as faulted with the error naming its interventions; the engine polls it
+(``fs_poll``), aborts the request and answers INVALID_ARGUMENT. Other requests' rows are never
+read or written by the guard.
 
 Unsteered rows: when no request of a step is steered or traced the hooks return at once, and
 each hook returns at once unless a group reads or edits it or a trace reads it; otherwise only
@@ -46,8 +60,9 @@ the steered rows are overwritten, so unsteered rows are bit-identical to the sam
 the hooks disabled (``fs_set_enabled(False)``, used by the tests).
 
 Must not: import the engine, gRPC or asyncio; raise out of a hook for one bad request (a
-spec that fails to compile here marks the request and leaves it unsteered; the engine
-validated it before sending, so that only happens on a bug, and it is logged).
+spec that fails to compile here is recorded as an internal fault of that request, which the
+engine aborts; the engine validated it before sending, so that only happens on a bug, and it
+is logged).
 """
 
 from __future__ import annotations
@@ -74,6 +89,7 @@ class _Group:
     positions: Tensor  # [n] int64 absolute positions
     prompt_len: Tensor  # [n] int64
     special: Tensor  # [n] bool
+    owners: list[tuple[str, int, int]] = field(default_factory=list)  # (key, start, end)
     captured: dict[str, Tensor] = field(default_factory=dict)  # hook -> [n, d] pre-edit
 
 
@@ -105,6 +121,18 @@ class _Step:
     traces: list[_TraceRead] = field(default_factory=list)
     hooks: frozenset[str] = frozenset()  # every hook a group reads/edits or a trace reads
     resid_pre: dict[int, Tensor] = field(default_factory=dict)  # layer -> [T, d] (steered only)
+    guard_from: int | None = None  # first layer whose inputs the finiteness guard checks
+
+
+@dataclass
+class _Fault:
+    """A request whose steered rows went non-finite: the error it gets (INVALID_ARGUMENT)."""
+
+    field_name: str
+    reason: str
+    req_id: str
+    internal: bool = False  # a server bug (INTERNAL), not the request's fault
+    touched: float = field(default_factory=time.monotonic)
 
 
 TRACE_TTL_S = 120.0  # traces of a request gone from the runner that nobody popped are dropped
@@ -121,11 +149,14 @@ class SteeringWorkerExtension:
 
         Args:
             config: {"dictionaries": [{"id", "version", "source", "fingerprint"}...],
-                "special_ids": [int], "hook_names": [str], "d_model": int}.
+                "special_ids": [int], "hook_names": [str], "d_model": int,
+                "hook_scales": {hook: float}, "max_edit_norm_ratio": float} (the engine's
+                ``EditBounds``: the worker compiles every spec with the same bounds).
 
         Returns:
             {"dictionaries": n, "hooks": n_hooks, "dtype": str} for the engine's log.
         """
+        from featuresteer_server import interventions
         from featuresteer_server.dictionaries import load_dictionary
 
         fs = self._fs()
@@ -146,6 +177,14 @@ class SteeringWorkerExtension:
         fs["special_ids"] = torch.tensor(sorted(config.get("special_ids", [])), dtype=torch.long)
         fs["hook_names"] = tuple(config.get("hook_names", ()))
         fs["d_model"] = int(config["d_model"])
+        scales = config.get("hook_scales")
+        fs["bounds"] = (
+            interventions.EditBounds(
+                {h: float(v) for h, v in scales.items()}, float(config["max_edit_norm_ratio"])
+            )
+            if scales
+            else None
+        )
         self._fs_install(model)
         return {
             "dictionaries": len(dicts),
@@ -171,24 +210,36 @@ class SteeringWorkerExtension:
         out["trace_plans_cached"] = sum(1 for _, t in fs["specs"].values() if t is not None)
         return out
 
-    def fs_pop_traces(self, keys: list[str], final: bool = False) -> dict[str, list[Any]]:
-        """Return and clear the traces captured so far for ``keys`` (the engine's request
-        ids): {key: [[position, [[index, activation], ...]], ...]} (plain lists: the reply
-        crosses processes as msgpack). ``final``: the request is over (finished or aborted):
-        everything of it is dropped, nothing stays in the worker."""
+    def fs_poll(
+        self, keys: list[str], final: bool | list[str] = False
+    ) -> dict[str, dict[str, Any]]:
+        """Return and clear what the worker holds for ``keys`` (the engine's request ids):
+        {"traces": {key: [[position, [[index, activation], ...]], ...]},
+         "faults": {key: [field, reason, internal]}} (plain lists: the reply crosses processes as
+        msgpack). A fault stays until a final poll. ``final`` (True: every key; or the keys):
+        the request is over (finished or aborted): everything of it is dropped, nothing stays
+        in the worker."""
         fs = self._fs()
-        out: dict[str, list[Any]] = {}
+        finals = set(keys) if final is True else set(final or ())
+        traces: dict[str, list[Any]] = {}
+        faults: dict[str, list[Any]] = {}
         for key in keys:
+            fault: _Fault | None = fs["faults"].get(key)
+            if fault is not None:
+                faults[key] = [fault.field_name, fault.reason, fault.internal]
+                if key in finals:
+                    del fs["faults"][key]
+                    fs["specs"].pop(fault.req_id, None)
             st: _TraceStore | None = fs["traces"].get(key)
             if st is None:
                 continue
             if st.rows:
-                out[key] = [[p, pairs] for p, pairs in sorted(st.rows.items())]
+                traces[key] = [[p, pairs] for p, pairs in sorted(st.rows.items())]
                 st.rows = {}
-            if final:
+            if key in finals:
                 del fs["traces"][key]
                 fs["specs"].pop(st.req_id, None)
-        return out
+        return {"traces": traces, "faults": faults}
 
     def fs_reset_stats(self) -> None:
         self._fs()["stats"] = _zero_stats()
@@ -216,6 +267,9 @@ class SteeringWorkerExtension:
                 # req_id -> (SteeringSpec | None, _TraceStore | None): None = unsteered/untraced
                 "specs": {},
                 "traces": {},  # key (the engine's request id) -> _TraceStore
+                "faults": {},  # key -> _Fault: steered rows went non-finite
+                "keys": {},  # req_id -> key, for steered requests
+                "bounds": None,  # interventions.EditBounds, from fs_setup
                 "step": None,
                 "stats": _zero_stats(),
                 "capture": None,
@@ -236,8 +290,14 @@ class SteeringWorkerExtension:
         handles = fs["handles"] = []
         handles.append(model.register_forward_pre_hook(self._fs_on_step, with_kwargs=True))
         handles.append(model.model.norm.register_forward_hook(self._fs_on_final_norm))
+        handles.append(model.model.norm.register_forward_pre_hook(self._fs_final_norm_pre))
         for layer, block in enumerate(model.model.layers):
             handles.append(block.register_forward_pre_hook(self._fs_layer_pre(layer)))
+            handles.append(
+                block.self_attn.register_forward_pre_hook(
+                    self._fs_attn_pre(layer), with_kwargs=True
+                )
+            )
             handles.append(
                 block.post_attention_layernorm.register_forward_pre_hook(self._fs_ln2_pre(layer))
             )
@@ -263,14 +323,27 @@ class SteeringWorkerExtension:
         if payload:
             try:
                 spec = wire.compile_payload(
-                    payload, fs["dictionaries"], hook_names=fs["hook_names"], d_model=fs["d_model"]
+                    payload,
+                    fs["dictionaries"],
+                    hook_names=fs["hook_names"],
+                    d_model=fs["d_model"],
+                    bounds=fs["bounds"],
                 )
                 if spec.empty:
                     spec = None
+                else:
+                    fs["keys"][req_id] = str(payload.get("key") or req_id)
             except Exception:  # noqa: BLE001 - one bad request must not stop the batch
+                # the engine validated it with the same dictionaries and bounds: a bug. The
+                # request runs unsteered until the engine's next poll aborts it (INTERNAL)
                 log.exception("request %s: steering spec failed to compile in the worker", req_id)
                 fs["stats"]["spec_errors_total"] += 1
                 spec = None
+                key = str(payload.get("key") or req_id)
+                fs["faults"][key] = _Fault(
+                    "interventions", "the vLLM worker could not compile the steering spec",
+                    req_id, internal=True,
+                )  # fmt: skip
         trace = None
         trace_payload = extra.get(wire.TRACE_KEY)
         if trace_payload:
@@ -305,6 +378,12 @@ class SteeringWorkerExtension:
             live = set(runner.requests)
             for rid in [r for r in specs if r not in live]:
                 del specs[rid]
+                fs["keys"].pop(rid, None)
+        if fs["faults"]:  # faults the engine never polled finally (it always does; a backstop)
+            now = time.monotonic()
+            for key, fault in list(fs["faults"].items()):
+                if fault.req_id not in runner.requests and now - fault.touched > TRACE_TTL_S:
+                    del fs["faults"][key]
         if fs["traces"]:  # requests the engine never closed (it always does; a backstop)
             now = time.monotonic()
             for key, st in list(fs["traces"].items()):
@@ -342,8 +421,16 @@ class SteeringWorkerExtension:
         for fp, idxs in by_fp.items():
             rows_l: list[int] = []
             plen_l: list[int] = []
+            owners: list[tuple[str, int, int]] = []
             for i in idxs:
                 state = runner.requests[req_ids[i]]
+                owners.append(
+                    (
+                        fs["keys"].get(req_ids[i], req_ids[i]),
+                        len(rows_l),
+                        len(rows_l) + qsl[i + 1] - qsl[i],
+                    )
+                )
                 rows_l.extend(range(qsl[i], qsl[i + 1]))
                 plen_l.extend([len(state.prompt_token_ids or ())] * (qsl[i + 1] - qsl[i]))
             rows = torch.tensor(rows_l, dtype=torch.long)
@@ -356,6 +443,7 @@ class SteeringWorkerExtension:
                     positions=pos,
                     prompt_len=torch.tensor(plen_l, dtype=torch.long),
                     special=torch.isin(ids, special_ids),
+                    owners=owners,
                 )
             )
         traces = self._fs_trace_reads(traced, req_ids, qsl, positions) if traced else []
@@ -365,7 +453,14 @@ class SteeringWorkerExtension:
         hooks |= {t.hook for t in traces}
         if not hooks:
             return  # traced requests with no generated row in this step (prefill)
-        fs["step"] = _Step(groups=groups, traces=traces, hooks=frozenset(hooks))
+        guard_from = None
+        if groups:  # layers from the first edit on: their inputs are checked (isolation guard)
+            from featuresteer_server.interventions import hook_order
+
+            guard_from = min(hook_order(h)[0] for g in groups for h in g.spec.edit_hooks)
+        fs["step"] = _Step(
+            groups=groups, traces=traces, hooks=frozenset(hooks), guard_from=guard_from
+        )
         stats["steered_rows_total"] += sum(len(g.rows) for g in groups)
 
     def _fs_trace_reads(
@@ -448,14 +543,18 @@ class SteeringWorkerExtension:
             if reads:
                 g.captured[hook] = rows.to(torch.float32)
             if edits:
-                out[gi] = interventions.apply(
-                    spec,
+                out[gi] = self._fs_guard(
+                    g,
                     hook,
-                    rows,
-                    positions=g.positions.to(x.device),
-                    prompt_len=g.prompt_len.to(x.device),
-                    special=g.special.to(x.device),
-                    captured=g.captured,
+                    interventions.apply(
+                        spec,
+                        hook,
+                        rows,
+                        positions=g.positions.to(x.device),
+                        prompt_len=g.prompt_len.to(x.device),
+                        special=g.special.to(x.device),
+                        captured=g.captured,
+                    ),
                 )
                 record = self._fs()["capture"]
                 if record is not None:  # tests: the edit exactly as applied
@@ -495,18 +594,109 @@ class SteeringWorkerExtension:
                 residual.index_fill_(0, idx, 0)
         return hidden, residual
 
+    # -- the isolation guard
+
+    def _fs_fault(self, g: _Group, bad: Tensor, hook: str) -> None:
+        """Record every request owning a True row of ``bad`` [n] (group rows) as faulted."""
+        from featuresteer_server import interventions
+
+        fs = self._fs()
+        hit = set(bad.nonzero().flatten().tolist())
+        runner_ids = {key: rid for rid, key in fs["keys"].items()}
+        for key, a, b in g.owners:
+            if key in fs["faults"] or not any(a <= r < b for r in hit):
+                continue
+            err = interventions.nonfinite_error(g.spec, hook)
+            fs["faults"][key] = _Fault(err.field, err.reason, runner_ids.get(key, key))
+            fs["stats"]["nonfinite_requests_total"] += 1
+            log.warning("request %s: steered rows non-finite at %s; aborting it", key, hook)
+
+    def _fs_guard(self, g: _Group, hook: str, rows: Tensor) -> Tensor:
+        """Edited rows [n, d] of one group -> the same rows, with every row that is not
+        finite zeroed and its request faulted."""
+        from featuresteer_server import interventions
+
+        bad = interventions.nonfinite_rows(rows)  # [n]
+        if not bool(bad.any()):
+            return rows
+        self._fs_fault(g, bad.cpu(), hook)
+        return torch.where(bad.unsqueeze(-1), torch.zeros_like(rows), rows)
+
+    def _fs_guard_sum(
+        self, hook: str, hidden: Tensor, residual: Tensor | None
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """The steered rows of a (hidden, residual) pair (or of ``hidden`` alone): any
+        non-finite row becomes (0, 0) and its request is faulted; None when every steered row
+        is finite (nothing written). Other requests' rows are neither read nor written."""
+        from featuresteer_server import interventions
+
+        step: _Step = self._fs()["step"]
+        out: tuple[Tensor, Tensor | None] | None = None
+        for g in step.groups:
+            idx = g.rows.to(hidden.device)
+            total = hidden.index_select(0, idx)
+            if residual is not None:
+                total = total + residual.index_select(0, idx)
+            bad = interventions.nonfinite_rows(total)  # [n]
+            if not bool(bad.any()):
+                continue
+            self._fs_fault(g, bad.cpu(), hook)
+            if out is None:
+                out = (hidden.clone(), residual.clone() if residual is not None else None)
+            zero_rows = idx[bad]
+            out[0].index_fill_(0, zero_rows, 0)
+            if out[1] is not None:
+                out[1].index_fill_(0, zero_rows, 0)
+        return out
+
+    def _fs_attn_pre(self, layer: int) -> Callable[..., Any]:
+        hook = f"blocks.{layer}.ln1.hook_normalized"  # the attention's (weighted) input
+
+        def fn(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            step: _Step | None = self._fs()["step"]
+            if step is None or step.guard_from is None or layer < step.guard_from:
+                return None
+            if "hidden_states" in kwargs:
+                res = self._fs_guard_sum(hook, kwargs["hidden_states"], None)
+                return None if res is None else (args, {**kwargs, "hidden_states": res[0]})
+            res = self._fs_guard_sum(hook, args[1], None)  # (positions, hidden_states)
+            return None if res is None else ((args[0], res[0], *args[2:]), kwargs)
+
+        return fn
+
+    def _fs_final_norm_pre(self, module: Any, args: tuple[Any, ...]) -> Any:
+        step: _Step | None = self._fs()["step"]
+        if step is None or step.guard_from is None:
+            return None
+        hidden, residual = args[0], args[1] if len(args) > 1 else None
+        res = self._fs_guard_sum("ln_final", hidden, residual)
+        if res is None:
+            return None
+        return (res[0], res[1], *args[2:]) if len(args) > 1 else (res[0], *args[1:])
+
     def _fs_layer_pre(self, layer: int) -> Callable[..., Any]:
         hook = f"blocks.{layer}.hook_resid_pre"
 
         def fn(module: Any, args: tuple[Any, ...]) -> Any:
             step: _Step | None = self._fs()["step"]
-            if step is None or hook not in step.hooks:
+            if step is None:
+                return None
+            guard = step.guard_from is not None and layer >= step.guard_from
+            if hook not in step.hooks and not guard:
                 return None
             positions, hidden, residual = args[0], args[1], args[2] if len(args) > 2 else None
-            res = self._fs_edit_sum(hook, hidden, residual)
-            if res is None:
+            changed = False
+            if guard:  # the rows this layer's attention writes to the KV cache
+                res = self._fs_guard_sum(hook, hidden, residual)
+                if res is not None:
+                    (hidden, residual), changed = res, True
+            if hook in step.hooks:
+                res = self._fs_edit_sum(hook, hidden, residual)
+                if res is not None:
+                    (hidden, residual), changed = res, True
+            if not changed:
                 return None
-            return (positions, res[0], res[1], *args[3:])
+            return (positions, hidden, residual, *args[3:])
 
         return fn
 
@@ -574,6 +764,7 @@ class SteeringWorkerExtension:
                     special=g.special,
                     captured=g.captured,
                 )
+                edited = self._fs_guard(g, norm_hook, edited)
                 if not changed:
                     normed_w, changed = normed_w.clone(), True
                 new_rows = (edited * module.weight.to(torch.float32)).to(normed_w.dtype)
@@ -639,5 +830,6 @@ def _zero_stats() -> dict[str, Any]:
         "traced_steps_total": 0,
         "trace_rows_total": 0,
         "trace_errors_total": 0,
+        "nonfinite_requests_total": 0,
         "since": time.time(),
     }
