@@ -16,8 +16,8 @@ import pytest_asyncio
 
 from featuresteer.v1 import featuresteer_pb2 as pb
 from featuresteer.v1 import featuresteer_pb2_grpc as pb_grpc
-from featuresteer_server import jobs
-from featuresteer_server.attribution import attribute
+from featuresteer_server import convert, jobs
+from featuresteer_server.attribution import AttributionCancelled, attribute
 from featuresteer_server.config import load_config
 from featuresteer_server.server import RunningServer, start_server
 from tests.support import tiny_engine
@@ -103,6 +103,22 @@ async def test_logit_ranking(stub, engine) -> None:  # type: ignore[no-untyped-d
     assert ranking and all(r.feature.dictionary_id == SAE for r in ranking)
     values = [abs(r.attribution) for r in ranking]
     assert values == sorted(values, reverse=True)
+
+
+async def test_logit_ranking_honours_cancel(engine) -> None:  # type: ignore[no-untyped-def]
+    cfg = load_config(port=0, metrics_enabled=False, catalog=None)
+    target = engine.tokenizer.encode(" Paris", prepend_bos=False)[0]
+    request = pb.AttributeRequest(
+        prompt=PROMPT,
+        mode=pb.ATTRIBUTION_MODE_LOGIT_RANKING,
+        dictionary_id=SAE,
+        target_token_ids=[target],
+    )
+    req = convert.attribute_request_from_pb(request, cfg.limits(), cfg.attribution_batch_size)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(AttributionCancelled):
+        await engine.attribute(req, lambda stage, fraction: None, cancel)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,13 @@ from featuresteer_server.attribution import (
     logit_ranking,
     to_graph_json,
 )
-from featuresteer_server.attribution.pruning import graph_scores, normalize_rows, prune
+from featuresteer_server.attribution.pruning import (
+    _threshold_value,
+    graph_scores,
+    normalize_rows,
+    prune,
+    total_influence,
+)
 from featuresteer_server.attribution.replacement import collect_features, run_frozen_forward
 from featuresteer_server.attribution.testing import random_transcoders, tiny_llama
 from featuresteer_server.attribution.verify import (
@@ -196,6 +202,67 @@ def test_pruning_thresholds_monotone(setup):
         prune(raw, 1.5, 0.9)
 
 
+def _real_edges_only(graph) -> None:  # type: ignore[no-untyped-def]
+    n = len(graph.nodes)
+    assert len(graph.edges) < n * n
+    for e in graph.edges:
+        assert e.weight != 0.0
+        assert e.source != e.target
+        assert graph.nodes[e.source].kind is not NodeKind.LOGIT
+
+
+def test_threshold_one_keeps_only_edges_that_carry_influence(setup):
+    """At node/edge thresholds 1.0 the cut-off score is 0: before, every one of the n² pairs
+    passed it (zero-weight edges, self-loops, edges out of logits)."""
+    _, model, tcs, graph = setup
+    raw = graph.raw
+    full = prune(raw, 1.0, 1.0)
+    n = raw.adjacency.shape[0]
+    assert int(full.edge_mask.sum()) < n * n
+    weights = raw.adjacency[full.edge_mask]
+    assert (weights != 0).all()
+    assert not full.edge_mask.diagonal().any()
+    assert not full.edge_mask[:, raw.logit_offset :].any()
+    # every nonzero edge between kept nodes that leads toward the logits is still there
+    kept = full.node_mask[:, None] & full.node_mask[None, :]
+    assert int(full.edge_mask.sum()) <= int(((raw.adjacency != 0) & kept).sum())
+    assert full.edge_mask.sum() >= prune(raw, 0.99, 0.999).edge_mask.sum()
+    _real_edges_only(
+        attribute(
+            model,
+            tcs,
+            TOKENS,
+            max_feature_nodes=60,
+            batch_size=16,
+            node_threshold=1.0,
+            edge_threshold=1.0,
+        )
+    )
+    _real_edges_only(graph)
+
+
+@pytest.mark.parametrize(("node_t", "edge_t"), [(0.5, 0.9), (0.8, 0.98), (0.99, 0.999)])
+def test_thresholds_below_one_keep_circuit_tracers_rule(setup, node_t, edge_t):
+    """Below 1.0 the positive-score rule removes nothing: the edge mask is circuit-tracer's
+    ``score >= threshold value`` before the node clean-up."""
+    _, _, _, graph = setup
+    raw = graph.raw
+    result = prune(raw, node_t, edge_t)
+    weights = torch.zeros(raw.adjacency.shape[0])
+    weights[raw.logit_offset :] = raw.logit_probabilities
+    node_mask = result.node_influence >= _threshold_value(result.node_influence, node_t)
+    node_mask[-(raw.n_logits + raw.n_pos) :] = True
+    pruned = raw.adjacency.clone()
+    pruned[~node_mask] = 0
+    pruned[:, ~node_mask] = 0
+    normalized = normalize_rows(pruned)
+    scores = normalized * (total_influence(normalized, weights) + weights)[:, None]
+    rule = scores >= _threshold_value(scores.flatten(), edge_t)
+    assert bool((scores[rule] > 0).all())  # so the added conditions drop no edge
+    final = result.node_mask[:, None] & result.node_mask[None, :]
+    assert torch.equal(result.edge_mask, rule & final)
+
+
 def test_all_features_when_budget_allows(models):
     _, model = models
     tcs = random_transcoders(model.cfg.n_layers, model.cfg.d_model, 64, density=0.05)
@@ -302,6 +369,30 @@ def test_logit_ranking_matches_finite_difference(models):
     act = float(tc.encode(clean.cache["blocks.1.ln2.hook_normalized"][0, pos])[index])
     fd = act * (demeaned_with(eps) - demeaned_with(-eps)) / (2 * eps)
     assert fd == pytest.approx(score, rel=2e-2, abs=1e-4)
+
+
+def test_logit_ranking_honours_cancel(models):
+    _, model = models
+    tcs = random_transcoders(model.cfg.n_layers, model.cfg.d_model, 128, density=0.05)
+    event = threading.Event()
+    event.set()
+    with pytest.raises(AttributionCancelled):
+        logit_ranking(model, tcs[1], TOKENS, 7, cancel=event)
+    checks = 0
+
+    def cancel_in_the_forward_pass() -> bool:
+        nonlocal checks
+        checks += 1
+        return checks >= 2  # the first check passes, the first layer's does not
+
+    with pytest.raises(AttributionCancelled):
+        logit_ranking(model, tcs[1], TOKENS, 7, cancel=cancel_in_the_forward_pass)
+    assert checks == 2  # stopped at once: no further layer, no backward pass
+    assert not any(h.fwd_hooks for h in model.hook_dict.values())  # hooks removed
+    never = threading.Event()
+    assert logit_ranking(model, tcs[1], TOKENS, 7, cancel=never) == logit_ranking(
+        model, tcs[1], TOKENS, 7
+    )
 
 
 def test_graph_json_schema(setup):

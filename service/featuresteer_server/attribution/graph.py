@@ -3,7 +3,8 @@
 Owns: ``attribute`` (the public entry point), choosing logit targets, the order in which
 feature rows are computed (circuit-tracer's: logit rows first, then features by estimated
 influence, re-ranked every ``update_interval`` batches), progress reporting, cancellation
-between batches, and the memory bound. Must not: know about gRPC or catalog labels.
+between batches (``check_cancel``, shared with ``ranking``), and the memory bound. Must not:
+know about gRPC or catalog labels.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def select_targets(
     return top_idx[:cutoff], top_p[:cutoff]
 
 
-def _check_cancel(cancel: threading.Event | Callable[[], bool] | None) -> None:
+def check_cancel(cancel: threading.Event | Callable[[], bool] | None) -> None:
+    """Raise ``AttributionCancelled`` when ``cancel`` (an event or a callable) is set."""
     if cancel is None:
         return
     flag = cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
@@ -152,7 +154,7 @@ def attribute(
         feats = collect_features(fwd, transcoders)
         lin = LinearReplacement(model, fwd, feats, transcoders)
         stats["forward_s"] = time.perf_counter() - t0
-        _check_cancel(cancel)
+        check_cancel(cancel)
 
         n_layers, n_pos, n_active = lin.n_layers, lin.n_pos, feats.n
         logit_ids, logit_probs = select_targets(
@@ -189,7 +191,7 @@ def attribute(
             edge_rows[i:j, :logit_offset] = rows
             logit_consts[i:j] = consts
             row_to_node[i:j] = torch.arange(i, j) + logit_offset
-            _check_cancel(cancel)
+            check_cancel(cancel)
         logit_consts += demeaned_bias(model, logit_ids)
         logit_rows_full = edge_rows[:n_logits, :logit_offset].clone()
         stats["logit_rows_s"] = time.perf_counter() - t1
@@ -218,7 +220,7 @@ def attribute(
                 filled += n_b
                 n_visited += n_b
                 say("features", n_visited / max(n_feature_rows, 1))
-                _check_cancel(cancel)
+                check_cancel(cancel)
         stats["feature_rows_s"] = time.perf_counter() - t2
 
         # assemble the square matrix on [selected features | errors | embeddings | logits]

@@ -86,7 +86,10 @@ def prune(raw: RawGraph, node_threshold: float = 0.8, edge_threshold: float = 0.
     """Keep the nodes, then the edges, that carry the given shares of logit influence.
 
     Embeddings and logits are always kept; feature and error nodes left without outgoing
-    edges, and features without incoming edges, are dropped until nothing changes.
+    edges, and features without incoming edges, are dropped until nothing changes. An edge
+    is kept only if its score is positive (so never a zero-weight edge, a self-loop or an
+    edge out of a logit, even at threshold 1.0, which keeps every edge that carries any
+    influence).
     """
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
@@ -107,6 +110,12 @@ def prune(raw: RawGraph, node_threshold: float = 0.8, edge_threshold: float = 0.
     pruned_influence = total_influence(normalized, weights) + weights
     edge_scores = normalized * pruned_influence[:, None]
     edge_mask = edge_scores >= _threshold_value(edge_scores.flatten(), edge_threshold)
+    # An edge must carry influence. At edge_threshold 1.0 the cut-off is the smallest score,
+    # 0, which admitted all n² pairs: zero-weight edges, self-loops, edges out of logits.
+    # Below 1.0 the cut-off is positive and this changes nothing (circuit-tracer's result).
+    edge_mask &= edge_scores > 0
+    edge_mask.fill_diagonal_(False)
+    edge_mask[:, raw.logit_offset :] = False  # logits are sinks
 
     old = node_mask.clone()
     node_mask[:-n_keep_tail] &= edge_mask[:, :-n_keep_tail].any(0)

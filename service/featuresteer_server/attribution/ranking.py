@@ -5,16 +5,20 @@ norm scales frozen (stop-gradient on ``hook_pattern`` and ``*.hook_scale``); MLP
 live. The ranked quantity for feature i at position p is a_i(p) · (d_i · ∇ℓ) where ∇ℓ is
 the gradient of the demeaned target logit (logit − mean logit, as in the graph) at the
 site the dictionary writes to (``hook_name_out``: the MLP output for a transcoder, the
-hook itself for an SAE). Must not: build graphs.
+hook itself for an SAE). Cancellation is checked before the forward pass, at every layer
+of it, and before the backward pass and the scoring (the graph path's ``check_cancel``).
+Must not: build graphs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from .graph import check_cancel
 from .replacement import BOS_POSITIONS, decoder_rows
 from .types import AttributionError
 
@@ -27,6 +31,7 @@ def logit_ranking(
     *,
     limit: int | None = 100,
     include_bos: bool = False,
+    cancel: threading.Event | Callable[[], bool] | None = None,
 ) -> list[tuple[int, int, float]]:
     """Rank the dictionary's active features by their attribution to one logit.
 
@@ -38,6 +43,8 @@ def logit_ranking(
         target_token_id: the token whose logit is explained.
         limit: keep the ``limit`` largest |attribution| (None: all active features).
         include_bos: also rank features at position 0 (off by default; DESIGN.md).
+        cancel: a ``threading.Event`` (or a callable) checked between the steps; when set
+            the call raises ``AttributionCancelled``.
 
     Returns:
         [(feature index, position, attribution)] sorted by |attribution|, largest first.
@@ -56,7 +63,12 @@ def logit_ranking(
     hook_out = getattr(dictionary, "hook_name_out", hook_in) or hook_in
     if hook_in not in model.hook_dict or hook_out not in model.hook_dict:
         raise AttributionError(f"the model has no hook {hook_in!r} / {hook_out!r}")
+    check_cancel(cancel)
     captured: dict[str, torch.Tensor] = {}
+
+    def cancel_point(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        check_cancel(cancel)  # once per layer of the forward pass
+        return act
 
     def stop_gradient(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return act.detach()
@@ -76,11 +88,15 @@ def logit_ranking(
         (hook_in, read_input),
     ]
     hooks.append((hook_out, leaf_output))
+    if cancel is not None:
+        hooks.append((lambda n: n.endswith("hook_resid_pre"), cancel_point))
     tokens = torch.tensor([list(token_ids)])
     with torch.enable_grad():
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")[0, -1]
         objective = logits[int(target_token_id)] - logits.mean()
+        check_cancel(cancel)
         (grad,) = torch.autograd.grad(objective, captured["y"])
+    check_cancel(cancel)
     grad = grad[0].to(torch.float32)  # [P, d_out]
     with torch.no_grad():
         acts = dictionary.encode(captured["x"][0]).to(torch.float32)  # [P, d_sae]

@@ -537,7 +537,7 @@ class HookedEngine(Engine):
                 raise InvalidArgument("target_token_ids", "LOGIT_RANKING needs one target token")
             loop = asyncio.get_running_loop()
             ranking = await loop.run_in_executor(
-                self._attr_executor, self._rank_sync, d, tokens, req.target_token_ids[0]
+                self._attr_executor, self._rank_sync, d, tokens, req.target_token_ids[0], cancel
             )
             return domain.AttributionResult(
                 tokens=tokens, provenance=self.provenance([d]), ranking=ranking
@@ -550,12 +550,14 @@ class HookedEngine(Engine):
         return hooked_attribution.graph_result(graph, tokens, self.provenance(tcs))
 
     def _rank_sync(
-        self, d: Any, tokens: tuple[Token, ...], target: int
+        self, d: Any, tokens: tuple[Token, ...], target: int, cancel: threading.Event
     ) -> tuple[tuple[domain.FeatureRef, int, float], ...]:
         from featuresteer_server.attribution import logit_ranking
 
         with self.model_lock:  # a forward and one backward on the shared module
-            rows = logit_ranking(self.model, d, [t.id for t in tokens], target, limit=100)
+            rows = logit_ranking(
+                self.model, d, [t.id for t in tokens], target, limit=100, cancel=cancel
+            )
         return tuple((domain.FeatureRef(d.id, i, d.fingerprint), p, a) for i, p, a in rows)
 
     def _attribute_sync(
