@@ -3,9 +3,10 @@
 Residual SAEs train from an on-disk float16 cache (one forward to the deepest SAE layer gives
 all four layers). Transcoders cannot be cached (30 layers x 2 hooks ~ 70 kB per token), so
 ``iter_mlp_pairs`` streams them from forward passes instead: there the plain transformers
-model runs with forward hooks (about 1.5x the HookedTransformer's tokens/s on this CPU) and
-recomputes TransformerLens's ``ln2.hook_normalized`` (RMS-normalised, before the weight); an
-e2e test checks both captures agree. BOS (position 0) is always dropped.
+model runs with forward hooks at the modules the tap table names (``featuresteer_server.taps``;
+about 1.5x the HookedTransformer's tokens/s on this CPU) and recomputes TransformerLens's
+``ln2.hook_normalized`` with the table's helper (normalised, before the weight); an e2e test
+checks both captures agree. BOS (position 0) is always dropped.
 """
 
 from __future__ import annotations
@@ -108,22 +109,24 @@ def mlp_pairs(hf: Any, windows: np.ndarray) -> dict[str, Any]:
     import torch
 
     from featuresteer_dicts.common import tc_hooks
+    from featuresteer_server import taps
 
+    fam = taps.hf_family(hf)
     out: dict[str, Any] = {}
     handles = []
-    for layer, block in enumerate(hf.model.layers):
+    for layer in range(fam.n_layers(hf)):
         h_in, h_out = tc_hooks(layer)
-        norm = block.post_attention_layernorm
+        norm, _ = fam.module(hf, h_in)  # the MLP's norm: its input, normalised (no weight)
+        mlp, _ = fam.module(hf, h_out)
 
-        def take_in(mod: Any, args: Any, name: str = h_in, eps: float = norm.variance_epsilon):
-            x = args[0]
-            out[name] = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        def take_in(mod: Any, args: Any, name: str = h_in) -> None:
+            out[name] = fam.normalized(mod, args[0])
 
         def take_out(mod: Any, args: Any, result: Any, name: str = h_out) -> None:
             out[name] = result
 
         handles.append(norm.register_forward_pre_hook(take_in))
-        handles.append(block.mlp.register_forward_hook(take_out))
+        handles.append(mlp.register_forward_hook(take_out))
     try:
         toks = torch.as_tensor(np.array(windows), dtype=torch.long)
         with torch.no_grad():

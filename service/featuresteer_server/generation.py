@@ -1,16 +1,19 @@
 """The hooked engine's generation loop: plain transformers ``generate`` on the Hugging Face
-Llama model, with torch forward hooks that map TransformerLens hook names onto the HF
-modules and call ``interventions.apply`` (TransformerLens's own generate with its KV cache
-produced garbage on this model; DESIGN.md "Engines").
+model, with torch forward hooks that map TransformerLens hook names onto the HF modules and
+call ``interventions.apply`` (TransformerLens's own generate with its KV cache produced
+garbage on this model; DESIGN.md "Engines").
 
-Hook mapping for block L (``layers = model.model.layers``):
-    hook_resid_pre       forward pre-hook on layers[L] (its hidden_states input)
-    hook_attn_out        forward hook on layers[L].self_attn (output[0])
+Hook mapping: the family's rows in ``taps.py`` (Llama: ``model.model.layers[L]`` and its
+``self_attn``, ``post_attention_layernorm``, ``mlp``; GPT-2 likewise). Per row kind:
+    hook_resid_pre       forward pre-hook on the block (its hidden_states input)
+    hook_attn_out        forward hook on the attention module (output[0])
     hook_resid_mid       the same hook: resid_pre + attn_out, edited by changing attn_out
-    ln2.hook_normalized  forward hook on layers[L].post_attention_layernorm: x/rms(x) BEFORE
-                         the weight, recomputed from its input as HF does (float32 rms)
-    hook_mlp_out         forward hook on layers[L].mlp
-    hook_resid_post      forward hook on layers[L]
+                         (its row's ``write_via``)
+    ln2.hook_normalized  forward hook on the MLP's norm: ``taps.normalized`` of its input (the
+                         norm BEFORE its weight, float32 statistics as HF computes them),
+                         written back as ``taps.affine``
+    hook_mlp_out         forward hook on the MLP
+    hook_resid_post      forward hook on the block
 At each hook the pre-edit activation is captured first (for transcoder reads, ``when``
 conditions and the trace), then the spec's edits at that hook are applied. Edited rows, and a
 steered run's input to the final norm, must be finite: otherwise the run stops with
@@ -34,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from featuresteer_server import domain, interventions
+from featuresteer_server import domain, interventions, taps
 from featuresteer_server.interventions import SteeringSpec
 from featuresteer_server.tokenization import Token, Tokenizer
 
@@ -102,7 +105,7 @@ class HookSession:
 
     def __init__(
         self,
-        model: Any,  # transformers LlamaForCausalLM
+        model: Any,  # a transformers causal LM of a family in taps.py
         spec: SteeringSpec,
         *,
         prompt_len: int,
@@ -112,6 +115,7 @@ class HookSession:
         keep_logits: bool = False,
     ) -> None:
         self.model = model
+        self.family = taps.hf_family(model)
         self.spec = spec
         self.prompt_len = prompt_len
         self.special_ids = torch.tensor(sorted(special_ids), dtype=torch.long)
@@ -134,35 +138,35 @@ class HookSession:
         for h in hooks:
             layer, _ = interventions.hook_order(h)
             layers.setdefault(layer, set()).add(h.split(".", 2)[2])
-        m = self.model
-        self._handles.append(m.model.embed_tokens.register_forward_pre_hook(self._on_embed))
+        m, fam = self.model, self.family
+        add = self._handles.append
+        add(fam.embed_module(m).register_forward_pre_hook(self._on_embed))
         if self.keep_logits:
-            self._handles.append(m.lm_head.register_forward_hook(self._on_logits))
+            add(m.lm_head.register_forward_hook(self._on_logits))
         if not self.spec.empty:  # steered rows must stay finite downstream of the edits too
-            self._handles.append(m.model.norm.register_forward_pre_hook(self._on_final_norm))
+            add(fam.final_norm_module(m).register_forward_pre_hook(self._on_final_norm))
         for layer, kinds in layers.items():
-            block = m.model.layers[layer]
             pre = f"blocks.{layer}."
+
+            def module(kind: str, layer: int = layer) -> Any:
+                return fam.module(m, f"blocks.{layer}.{kind}")[0]
+
             if kinds & {"hook_resid_pre", "hook_resid_mid"}:
-                self._handles.append(
-                    block.register_forward_pre_hook(self._layer_pre(layer), with_kwargs=True)
+                add(
+                    module("hook_resid_pre").register_forward_pre_hook(
+                        self._layer_pre(layer), with_kwargs=True
+                    )
                 )
-            if kinds & {"hook_attn_out", "hook_resid_mid"}:
-                self._handles.append(block.self_attn.register_forward_hook(self._attn(layer)))
+            if kinds & {"hook_attn_out", "hook_resid_mid"}:  # resid_mid is written via attn_out
+                add(module("hook_attn_out").register_forward_hook(self._attn(layer)))
             if "ln2.hook_normalized" in kinds:
-                self._handles.append(
-                    block.post_attention_layernorm.register_forward_hook(
+                add(
+                    module("ln2.hook_normalized").register_forward_hook(
                         self._ln2(pre + "ln2.hook_normalized")
                     )
                 )
-            if "hook_mlp_out" in kinds:
-                self._handles.append(
-                    block.mlp.register_forward_hook(self._plain(pre + "hook_mlp_out"))
-                )
-            if "hook_resid_post" in kinds:
-                self._handles.append(
-                    block.register_forward_hook(self._plain(pre + "hook_resid_post"))
-                )
+            for kind in kinds & {"hook_mlp_out", "hook_resid_post"}:
+                add(module(kind).register_forward_hook(self._plain(pre + kind)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -257,10 +261,9 @@ class HookSession:
     def _ln2(self, name: str) -> Callable[..., Any]:
         def hook(module: Any, args: Any, out: Tensor) -> Any:
             h = args[0]  # [1, T, d]
-            hf = h.to(torch.float32)
-            normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+            normed = self.family.normalized(module, h)  # [1, T, d] float32, before the weight
             new = self.process(name, normed.to(h.dtype))
-            return None if new is None else module.weight * new
+            return None if new is None else taps.affine(module, new)
 
         return hook
 

@@ -16,15 +16,15 @@ compiled once per request (``interventions.compile_steering`` against the worker
 the dictionaries) and cached until the request leaves the runner. Module hooks then call
 ``interventions.apply`` on exactly each group's rows.
 
-Hook mapping for vLLM's Llama (``layers = model.model.layers``; a layer takes and returns
-``(hidden, residual)`` whose sum is the residual stream, and its norms are fused add+RMSNorm
-ops that work in place):
+Hook mapping: the rows of ``taps.VLLM_LLAMA`` (``layers = model.model.layers``; a layer takes
+and returns ``(hidden, residual)`` whose sum is the residual stream, and its norms are fused
+add+RMSNorm ops that work in place):
     hook_resid_pre       forward pre-hook on layers[L]: hidden (+ residual, None at L=0)
     hook_attn_out        forward pre-hook on layers[L].post_attention_layernorm: its x
     hook_resid_mid       the same pre-hook: x + residual
-    ln2.hook_normalized  the same pre-hook reads resid_mid·rsqrt(mean(resid_mid²)+eps) in
-                         float32 (before the weight); edits go into its output in a forward
-                         hook (normed = n'·weight)
+    ln2.hook_normalized  the same pre-hook reads ``taps.normalized`` of resid_mid in float32
+                         (before the weight); edits go into its output in a forward hook
+                         (normed = ``taps.affine`` of n')
     hook_mlp_out         forward hook on layers[L].mlp
     hook_resid_post      forward hook on layers[L]: hidden + residual
 An edit of a sum-valued hook writes the edited rows as (hidden = x', residual = 0), so the
@@ -76,6 +76,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from featuresteer_server import taps
 
 log = logging.getLogger(__name__)
 
@@ -288,24 +290,26 @@ class SteeringWorkerExtension:
         for h in fs["handles"]:
             h.remove()
         handles = fs["handles"] = []
+        fam = taps.VLLM_LLAMA
         handles.append(model.register_forward_pre_hook(self._fs_on_step, with_kwargs=True))
-        handles.append(model.model.norm.register_forward_hook(self._fs_on_final_norm))
-        handles.append(model.model.norm.register_forward_pre_hook(self._fs_final_norm_pre))
-        for layer, block in enumerate(model.model.layers):
-            handles.append(block.register_forward_pre_hook(self._fs_layer_pre(layer)))
-            handles.append(
-                block.self_attn.register_forward_pre_hook(
-                    self._fs_attn_pre(layer), with_kwargs=True
-                )
-            )
-            handles.append(
-                block.post_attention_layernorm.register_forward_pre_hook(self._fs_ln2_pre(layer))
-            )
-            handles.append(
-                block.post_attention_layernorm.register_forward_hook(self._fs_ln2_post(layer))
-            )
-            handles.append(block.mlp.register_forward_hook(self._fs_mlp(layer)))
-            handles.append(block.register_forward_hook(self._fs_layer_post(layer)))
+        final = fam.final_norm_module(model)
+        handles.append(final.register_forward_hook(self._fs_on_final_norm))
+        handles.append(final.register_forward_pre_hook(self._fs_final_norm_pre))
+        for layer in range(fam.n_layers(model)):
+
+            def module(kind: str, layer: int = layer) -> Any:
+                return fam.module(model, f"blocks.{layer}.{kind}")[0]
+
+            attn = getattr(fam.block(model, layer), taps.VLLM_LLAMA_ATTN)
+            ln2 = module("ln2.hook_normalized")  # also carries attn_out and resid_mid
+            handles += [
+                module("hook_resid_pre").register_forward_pre_hook(self._fs_layer_pre(layer)),
+                attn.register_forward_pre_hook(self._fs_attn_pre(layer), with_kwargs=True),
+                ln2.register_forward_pre_hook(self._fs_ln2_pre(layer)),
+                ln2.register_forward_hook(self._fs_ln2_post(layer)),
+                module("hook_mlp_out").register_forward_hook(self._fs_mlp(layer)),
+                module("hook_resid_post").register_forward_hook(self._fs_layer_post(layer)),
+            ]
 
     def _fs_request(self, req_id: str, state: Any) -> tuple[Any, Any]:
         """(compiled spec or None: unsteered, _TraceStore or None: untraced) of one request,
@@ -720,10 +724,8 @@ class SteeringWorkerExtension:
             if res is not None:
                 (attn, residual), changed = res, True
             if self._fs_wants((norm_hook,)):
-                mid = (attn if residual is None else attn + residual).to(torch.float32)
-                normed = mid * torch.rsqrt(
-                    mid.pow(2).mean(-1, keepdim=True) + module.variance_epsilon
-                )
+                mid = attn if residual is None else attn + residual
+                normed = taps.VLLM_LLAMA.normalized(module, mid)  # [T, d] float32
                 self._fs_process_read_only(norm_hook, normed)
             if not changed:
                 return None
@@ -767,7 +769,7 @@ class SteeringWorkerExtension:
                 edited = self._fs_guard(g, norm_hook, edited)
                 if not changed:
                     normed_w, changed = normed_w.clone(), True
-                new_rows = (edited * module.weight.to(torch.float32)).to(normed_w.dtype)
+                new_rows = taps.affine(module, edited).to(normed_w.dtype)
                 normed_w.index_copy_(0, g.rows, new_rows)
             if not changed:
                 return None
