@@ -7,6 +7,12 @@ Cases (fixed here, so runs are comparable):
     (d) hf-serial           Neuronpedia-style baseline: one request at a time, transformers
                             ``generate`` with its KV cache and a steering forward hook
     (e) hf-batched          one transformers ``generate`` over the whole batch, one shared hook
+With ``--engine-path``, also through ``VllmEngine.generate`` (what the servicer calls: prompt
+tokenization, text deltas, and for steered requests the worker poll after every output that
+lets the isolation guard abort a request before its tokens are streamed):
+    (f) engine-unsteered    as (a), through the engine (never polled)
+    (g) engine-distinct     as (c), through the engine (polled; polls coalesced)
+(f)/(g) count the tokens actually generated (EOS is not ignored on that path).
 Every case generates ``--new-tokens`` greedy tokens per request (EOS ignored, so all cases
 produce the same token count) from the same prompt; vLLM's prefix cache is off unless
 ``--prefix-caching`` (else (a)/(b) reuse cached prefills that (c)'s salts keep apart).
@@ -32,7 +38,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import loadavg
-from featuresteer_server import domain, generation, interventions, models
+from featuresteer_server import domain, generation, interventions, models, planning
 from featuresteer_server.dictionaries import load_dictionary
 
 D_SAE = 4608
@@ -124,7 +130,7 @@ class VllmCases:
         spec = interventions.compile_steering(
             items, h.dictionaries, hook_names=h.steering_hooks(), d_model=int(h.model.cfg.d_model)
         )
-        plan = generation.RunPlan(prompt_ids=self.ids, spec=spec, max_new_tokens=self.n_new)
+        plan = planning.RunPlan(prompt_ids=self.ids, spec=spec, max_new_tokens=self.n_new)
         sp = self.engine.sampling_params(plan, items)
         sp.ignore_eos = True
         n = 0
@@ -141,6 +147,23 @@ class VllmCases:
         counts = await asyncio.gather(*(self.one(items(i), i) for i in range(n)))
         return sum(counts)
 
+    async def via_engine(self, n: int, steered: bool) -> int:
+        """``n`` concurrent ``VllmEngine.generate`` calls (distinct specs when steered)."""
+
+        async def one(i: int) -> int:
+            req = domain.GenerateRequest(
+                prompt=PROMPT,
+                max_new_tokens=self.n_new,
+                interventions=spec_items(i) if steered else (),
+            )
+            done = 0
+            async for chunk in self.engine.generate(req):
+                if chunk.usage is not None:
+                    done = chunk.usage.completion_tokens
+            return done
+
+        return sum(await asyncio.gather(*(one(i) for i in range(n))))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -156,6 +179,8 @@ def main() -> None:
         "the cache would serve (a)/(b) prefills that (c)'s per-spec salts must recompute)",
     )
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    ap.add_argument("--engine-path", action="store_true", help="add cases (f) and (g)")
+    ap.add_argument("--skip-hf", action="store_true", help="leave out (d) and (e)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -190,6 +215,13 @@ def main() -> None:
                 cases[f"vllm-{label}@{n}"] = lambda n=n, mode=mode: loop.run_until_complete(
                     vc.run(n, mode)
                 )
+            if args.engine_path:
+                for steered, label in ((False, "unsteered"), (True, "distinct")):
+                    cases[f"engine-{label}@{n}"] = lambda n=n, s=steered: loop.run_until_complete(
+                        vc.via_engine(n, s)
+                    )
+        if args.skip_hf:
+            continue
         cases[f"hf-serial@{n}"] = lambda n=n: hfc.serial(n)
         if n > 1:
             cases[f"hf-batched@{n}"] = lambda n=n: hfc.batched(n)
@@ -209,7 +241,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, xs in rates.items():
         label, n = name.split("@")
-        th = f"bind {threads}" if label.startswith("vllm") else f"torch {args.threads}"
+        th = f"torch {args.threads}" if label.startswith("hf") else f"bind {threads}"
         ld = "–".join(sorted(set(loads[name]), key=float)[:: max(1, len(set(loads[name])) - 1)])
         print(
             f"| {label} | {n} | {statistics.median(xs):.1f} | {min(xs):.1f}–{max(xs):.1f} "
@@ -217,7 +249,12 @@ def main() -> None:
         )
     med = {k: statistics.median(v) for k, v in rates.items()}
     for n in args.concurrency:
-        if vc is None or n == 1:
+        if args.engine_path and vc is not None:
+            f, g = med[f"engine-unsteered@{n}"], med[f"engine-distinct@{n}"]
+            a = med[f"vllm-unsteered@{n}"]
+            ref = f" vs raw (c)/(a) = {med[f'vllm-distinct-specs@{n}'] / a:.3f}" if n > 1 else ""
+            print(f"\nat {n}: engine path (g)/(f) = {g / f:.3f}{ref}, (f)/(a) = {f / a:.3f}")
+        if vc is None or n == 1 or args.skip_hf:
             continue
         b, a = med[f"vllm-one-spec@{n}"], med[f"vllm-unsteered@{n}"]
         c, d = med[f"vllm-distinct-specs@{n}"], med[f"hf-serial@{n}"]

@@ -28,7 +28,6 @@ Must not: touch asyncio (``engines/hooked.py`` streams the chunks), parse protob
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,57 +38,12 @@ from torch import Tensor
 
 from featuresteer_server import domain, interventions, taps
 from featuresteer_server.interventions import SteeringSpec
-from featuresteer_server.tokenization import Token, Tokenizer
+from featuresteer_server.planning import RunPlan
+from featuresteer_server.stream import TokenStream
+from featuresteer_server.tokenization import Tokenizer
 
 # what a non-finite error names when the rows went non-finite after the last edit hook
 FINAL_NORM = "the final norm's input"
-
-
-@dataclass(frozen=True)
-class TracePlan:
-    """What to report per generated token: ``top_k`` of ``dictionary`` and/or ``features``."""
-
-    dictionary: Any
-    top_k: int
-    features: tuple[int, ...] = ()
-
-    def report(self, acts: Tensor) -> list[tuple[tuple[int, float], ...]]:
-        """[n, d_sae] float32 -> per row (index, activation) pairs: the top-k active features
-        (activation > 0), then the chosen features not already listed (even at 0)."""
-        out: list[tuple[tuple[int, float], ...]] = []
-        top_v = top_i = None
-        if self.top_k > 0:
-            top_v, top_i = torch.topk(acts, min(self.top_k, acts.shape[-1]), dim=-1)
-        for r in range(acts.shape[0]):
-            pairs: list[tuple[int, float]] = []
-            if top_v is not None and top_i is not None:
-                pairs = [
-                    (int(i), float(v))
-                    for i, v in zip(top_i[r].tolist(), top_v[r].tolist(), strict=True)
-                    if v > 0
-                ]
-            have = {i for i, _ in pairs}
-            pairs += [(i, float(acts[r, i])) for i in self.features if i not in have]
-            out.append(tuple(pairs))
-        return out
-
-
-@dataclass
-class RunPlan:
-    """One generation run (the steered one, or the baseline with an empty spec)."""
-
-    prompt_ids: list[int]
-    spec: SteeringSpec
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-    trace: TracePlan | None = None
-    baseline: bool = False
 
 
 @dataclass
@@ -324,7 +278,7 @@ class Generator:
             on_capture=on_capture if trace_hook else None,
             keep_logits=plan.logprobs,
         )
-        state = _Stream(tok, plan, prompt_len, emit, trace_by_pos)
+        state = TokenStream(tok, plan, prompt_len, emit, trace_by_pos)
 
         class Step(_stopping_base()):  # type: ignore[misc]
             def __call__(self, input_ids: Tensor, scores: Tensor, **kw: Any) -> Tensor:
@@ -366,96 +320,4 @@ class Generator:
                 full = torch.tensor([plan.prompt_ids + state.ids], dtype=torch.long)
                 self.model(full, use_cache=False, logits_to_keep=1)
         state.flush()
-        if state.stopped:
-            reason = domain.FinishReason.STOP
-        elif state.ids and eos is not None and state.ids[-1] == eos:
-            reason = domain.FinishReason.EOS
-        else:
-            reason = domain.FinishReason.LENGTH
-        return RunResult(reason, len(state.ids), state.ids)
-
-
-class _Stream:
-    """Turns generated ids into chunks: incremental text (held back while a UTF-8 character
-    is split), byte offsets into the completion, stop strings, one-step delay for the trace
-    (a token's features are computed when it is fed back in)."""
-
-    def __init__(
-        self,
-        tok: Tokenizer,
-        plan: RunPlan,
-        prompt_len: int,
-        emit: Callable[[domain.GenerateChunk], None],
-        trace_by_pos: dict[int, tuple[tuple[int, float], ...]],
-    ) -> None:
-        self.tok = tok
-        self.plan = plan
-        self.prompt_len = prompt_len
-        self.emit = emit
-        self.trace_by_pos = trace_by_pos
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = ""
-        self.offset = 0
-        self.stopped = False
-        self.pending: tuple[int, int, float | None] | None = None
-
-    def on_token(self, token: int, position: int, logprob: float | None) -> None:
-        self.ids.append(token)
-        if token == self.tok.eos_id:
-            self._release()  # EOS ends the run and is not streamed
-            return
-        if self.plan.trace is not None:
-            self._release()
-            self.pending = (token, position, logprob)
-        else:
-            self._send(token, position, logprob)
-        if self.plan.stop:
-            full = self.tok.decode([t for t in self.ids if t != self.tok.eos_id])
-            if any(s and s in full for s in self.plan.stop):
-                self.stopped = True
-
-    def _release(self) -> None:
-        if self.pending is not None:
-            self._send(*self.pending)
-            self.pending = None
-
-    def flush(self) -> None:
-        self._release()
-        if self.text != self.sent:  # a held-back partial character at the very end
-            self.emit(
-                domain.GenerateChunk(
-                    text=self.text[len(self.sent) :],
-                    position=self.prompt_len + len(self.ids) - 1,
-                    baseline=self.plan.baseline,
-                )
-            )
-            self.sent = self.text
-
-    def _send(self, token: int, position: int, logprob: float | None) -> None:
-        raw = self.tok.token_bytes(token)
-        rec = Token(
-            token,
-            raw.decode("utf-8", "replace"),
-            raw,
-            self.offset,
-            self.offset + len(raw),
-            token in self.tok.special_ids,
-        )
-        self.offset += len(raw)
-        upto = self.ids[: position - self.prompt_len + 1]
-        self.text = self.tok.decode(upto)
-        delta = ""
-        if not self.text.endswith("\ufffd") and self.text.startswith(self.sent):
-            delta, self.sent = self.text[len(self.sent) :], self.text
-        trace = self.trace_by_pos.pop(position, ()) if self.plan.trace is not None else ()
-        self.emit(
-            domain.GenerateChunk(
-                token=rec,
-                text=delta,
-                position=position,
-                logprob=logprob if logprob is None or math.isfinite(logprob) else None,
-                trace=trace,
-                baseline=self.plan.baseline,
-            )
-        )
+        return RunResult(state.finish_reason(), len(state.ids), state.ids)

@@ -23,7 +23,7 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from featuresteer_server import domain, generation, interventions, models  # noqa: E402
+from featuresteer_server import domain, generation, interventions, models, planning  # noqa: E402
 from featuresteer_server.dictionaries import load_dictionary  # noqa: E402
 from featuresteer_server.engines.hooked import HookedEngine  # noqa: E402
 from featuresteer_server.errors import InvalidArgument  # noqa: E402
@@ -80,7 +80,7 @@ class Harness:
         spec = interventions.compile_steering(
             items, self.hooked.dictionaries, hook_names=self.hooked.steering_hooks(), d_model=D
         )
-        plan = generation.RunPlan(prompt_ids=ids, spec=spec, max_new_tokens=n, logprobs=True)
+        plan = planning.RunPlan(prompt_ids=ids, spec=spec, max_new_tokens=n, logprobs=True)
         sp = self.vllm.sampling_params(plan, items)
         sp.ignore_eos = True
         from vllm.sampling_params import RequestOutputKind

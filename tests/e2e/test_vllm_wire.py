@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from featuresteer_server import domain, generation, interventions
+from featuresteer_server import domain, interventions, planning
 from featuresteer_server.engines.vllm import wire
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
@@ -66,7 +66,7 @@ def test_cache_salt() -> None:
 
 def test_trace_payload_round_trip() -> None:
     d = _Dict()
-    plan = generation.TracePlan(dictionary=d, top_k=5, features=(3, 7))
+    plan = planning.TracePlan(dictionary=d, top_k=5, features=(3, 7))
     payload = json.loads(json.dumps(wire.encode_trace(plan, "fs-abc")))
     assert payload["key"] == "fs-abc"
     again = wire.decode_trace(payload, {"d@v1": d})

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from featuresteer_server import domain, generation, interventions
+from featuresteer_server import domain, generation, interventions, planning
 from featuresteer_server.domain import FeatureRef, Intervention, Op
 from featuresteer_server.engines.hooked import HOOK_SCALE_TEXT
 from featuresteer_server.engines.vllm import wire
@@ -176,7 +176,7 @@ def _nan_spec(engine: Any) -> Any:
 
 
 def _greedy(engine: Any, spec: Any, ids: list[int], n: int = 4) -> list[int]:
-    plan = generation.RunPlan(prompt_ids=ids, spec=spec, max_new_tokens=n)
+    plan = planning.RunPlan(prompt_ids=ids, spec=spec, max_new_tokens=n)
     out: list[int] = []
 
     def emit(chunk: domain.GenerateChunk) -> None:

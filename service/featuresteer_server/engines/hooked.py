@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from featuresteer_server import __version__, domain, generation, interventions
+from featuresteer_server import __version__, domain, generation, interventions, planning
 from featuresteer_server.engines import hooked_attribution
 from featuresteer_server.engines.base import Engine
 from featuresteer_server.engines.hooked_attribution import AttributionSettings
@@ -381,7 +381,7 @@ class HookedEngine(Engine):
             )
         return ids
 
-    def _trace_plan(self, spec: domain.TraceSpec | None) -> generation.TracePlan | None:
+    def _trace_plan(self, spec: domain.TraceSpec | None) -> planning.TracePlan | None:
         if spec is None or (not spec.dictionary_id and not spec.features):
             return None
         dict_id = spec.dictionary_id or spec.features[0].dictionary_id
@@ -395,13 +395,13 @@ class HookedEngine(Engine):
             self.feature(ref, f"trace.features[{i}]")
         if spec.top_k == 0 and not spec.features:
             raise InvalidArgument("trace.top_k", "set top_k or features to trace")
-        return generation.TracePlan(
+        return planning.TracePlan(
             dictionary=d, top_k=spec.top_k, features=tuple(f.index for f in spec.features)
         )
 
     def prepare_generate(
         self, req: domain.GenerateRequest
-    ) -> tuple[list[generation.RunPlan], domain.Provenance]:
+    ) -> tuple[list[planning.RunPlan], domain.Provenance]:
         """Validate and plan a request (cheap; runs on the event loop)."""
         if self.hf_model is None:
             raise Unavailable("this engine was built without its transformers model")
@@ -409,7 +409,7 @@ class HookedEngine(Engine):
 
     def plan_generate(
         self, req: domain.GenerateRequest
-    ) -> tuple[list[generation.RunPlan], domain.Provenance]:
+    ) -> tuple[list[planning.RunPlan], domain.Provenance]:
         """The run plans (steered, then the baseline when asked) and provenance of a request,
         validated against this engine's dictionaries; the vLLM engine plans with it too."""
         spec = interventions.compile_steering(
@@ -434,10 +434,10 @@ class HookedEngine(Engine):
             logprobs=req.logprobs,
             trace=trace,
         )
-        plans = [generation.RunPlan(spec=spec, **common)]  # type: ignore[arg-type]
+        plans = [planning.RunPlan(spec=spec, **common)]  # type: ignore[arg-type]
         if req.compare_baseline:
             empty = interventions.SteeringSpec()
-            plans.append(generation.RunPlan(spec=empty, baseline=True, **common))  # type: ignore[arg-type]
+            plans.append(planning.RunPlan(spec=empty, baseline=True, **common))  # type: ignore[arg-type]
         used = {d_id: self.dictionaries[d_id] for d_id in spec.dictionaries}
         if trace is not None:
             used[trace.dictionary.id] = trace.dictionary
@@ -446,7 +446,7 @@ class HookedEngine(Engine):
 
     def _generate_sync(
         self,
-        plans: list[generation.RunPlan],
+        plans: list[planning.RunPlan],
         prov: domain.Provenance,
         emit: Callable[[Any], None],
         cancel: threading.Event,

@@ -7,13 +7,13 @@ hooked engine it is built around, which also owns request validation: prompt ids
 and provenance. The worker compiles the same interventions again against its own copy of
 the dictionaries and checks the fingerprint matches.
 
-Streaming reuses ``generation._Stream`` so both engines cut text deltas, byte offsets, stop
+Streaming reuses ``stream.TokenStream`` so both engines cut text deltas, byte offsets, stop
 strings and finish reasons identically.
 
 Per-token ``trace``: captured in the worker (``worker.py``), pre-edit, at the traced
 dictionary's input hook, encoded in float32 from rows in the vLLM model's dtype. A token's
 trace exists once it is fed back in, so, as on the hooked engine, each token chunk is held
-back one step (``_Stream.pending``) and, after every vLLM output, the request's new traces
+back one step (``TokenStream.pending``) and, after every vLLM output, the request's new traces
 are fetched (``collective_rpc("fs_poll")``). To feed the last kept token back a traced
 request asks vLLM for ONE token more than ``max_new_tokens``; that extra token is never
 streamed, counted or used for stop/EOS decisions, so finish reason and usage are exactly those
@@ -51,10 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from featuresteer_server import domain, generation
+from featuresteer_server import domain, planning
 from featuresteer_server.engines.base import Engine
 from featuresteer_server.engines.vllm import wire
 from featuresteer_server.errors import InvalidArgument
+from featuresteer_server.stream import TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -233,14 +234,14 @@ class VllmEngine(Engine):
     # -- generate
     def _plan(
         self, req: domain.GenerateRequest
-    ) -> tuple[list[generation.RunPlan], domain.Provenance, tuple[domain.Intervention, ...]]:
+    ) -> tuple[list[planning.RunPlan], domain.Provenance, tuple[domain.Intervention, ...]]:
         plans, prov = self.hooked.plan_generate(req)
         prov = dataclasses.replace(prov, engine=self.name, dtype=self.dtype)
         return plans, prov, req.interventions
 
     def sampling_params(
         self,
-        plan: generation.RunPlan,
+        plan: planning.RunPlan,
         items: tuple[domain.Intervention, ...],
         request_id: str = "",
     ) -> Any:
@@ -269,11 +270,11 @@ class VllmEngine(Engine):
             logprobs=0 if plan.logprobs else None,  # 0: the sampled token's logprob only
             extra_args=extra or None,
             output_kind=RequestOutputKind.DELTA,
-            detokenize=False,  # text deltas and stop strings: generation._Stream, as hooked
+            detokenize=False,  # text deltas and stop strings: stream.TokenStream, as hooked
             skip_special_tokens=False,
         )
 
-    def prompt(self, plan: generation.RunPlan, items: tuple[domain.Intervention, ...]) -> Any:
+    def prompt(self, plan: planning.RunPlan, items: tuple[domain.Intervention, ...]) -> Any:
         from vllm.inputs import TokensPrompt
 
         p = TokensPrompt(prompt_token_ids=list(plan.prompt_ids))
@@ -284,7 +285,7 @@ class VllmEngine(Engine):
 
     async def _run(
         self,
-        plan: generation.RunPlan,
+        plan: planning.RunPlan,
         items: tuple[domain.Intervention, ...],
         chunks: list[domain.GenerateChunk],
     ) -> AsyncIterator[domain.GenerateChunk]:
@@ -293,9 +294,7 @@ class VllmEngine(Engine):
         traced = plan.trace is not None
         polled = traced or not plan.spec.empty  # the worker may hold traces or a fault
         trace_by_pos: dict[int, tuple[tuple[int, float], ...]] = {}
-        state = generation._Stream(
-            self.tokenizer, plan, len(plan.prompt_ids), chunks.append, trace_by_pos
-        )
+        state = TokenStream(self.tokenizer, plan, len(plan.prompt_ids), chunks.append, trace_by_pos)
         finished = False
         try:
             stream = self.llm.generate(
@@ -345,16 +344,9 @@ class VllmEngine(Engine):
         state.flush()
         while chunks:
             yield chunks.pop(0)
-        eos = self.tokenizer.eos_id
-        if state.stopped:
-            reason = domain.FinishReason.STOP
-        elif state.ids and eos is not None and state.ids[-1] == eos:
-            reason = domain.FinishReason.EOS
-        else:
-            reason = domain.FinishReason.LENGTH
         yield domain.GenerateChunk(
             baseline=plan.baseline,
-            finish_reason=reason,
+            finish_reason=state.finish_reason(),
             usage=domain.Usage(len(plan.prompt_ids), len(state.ids)),
         )
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from featuresteer_server import domain, generation, interventions
+from featuresteer_server import domain, interventions, planning
 
 EXTRA_KEY = "featuresteer"
 TRACE_KEY = "featuresteer_trace"
@@ -120,7 +120,7 @@ def compile_payload(
     return spec
 
 
-def encode_trace(plan: generation.TracePlan, key: str) -> dict[str, Any]:
+def encode_trace(plan: planning.TracePlan, key: str) -> dict[str, Any]:
     """A request's trace plan -> the JSON-able payload put in extra_args[TRACE_KEY]; ``key``
     (the engine's request id) names the request's traces in the worker, whose own id for it
     is vLLM's internal one."""
@@ -134,9 +134,7 @@ def encode_trace(plan: generation.TracePlan, key: str) -> dict[str, Any]:
     }
 
 
-def decode_trace(
-    payload: Mapping[str, Any], dictionaries: Mapping[str, Any]
-) -> generation.TracePlan:
+def decode_trace(payload: Mapping[str, Any], dictionaries: Mapping[str, Any]) -> planning.TracePlan:
     """The worker's side: the same plan on its own copy of the dictionary; refuses a
     dictionary whose fingerprint differs from the engine's, like ``compile_payload``."""
     if payload.get("v") != WIRE_VERSION:
@@ -150,7 +148,7 @@ def decode_trace(
     features = tuple(int(i) for i in payload["features"])
     if any(not 0 <= i < d.d_sae for i in features):
         raise ValueError(f"trace features outside [0, {d.d_sae})")
-    return generation.TracePlan(dictionary=d, top_k=int(payload["top_k"]), features=features)
+    return planning.TracePlan(dictionary=d, top_k=int(payload["top_k"]), features=features)
 
 
 def cache_salt(

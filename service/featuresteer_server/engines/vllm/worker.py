@@ -34,7 +34,7 @@ Per-token trace: a request whose ``extra_args[wire.TRACE_KEY]`` names a dictiona
 not) has its rows at positions >= its prompt length read, PRE-edit, at that dictionary's input
 hook (the same capture point steering reads use: a transcoder at ``ln2.hook_normalized``),
 encoded in float32 with the worker's copy of the dictionary and reported by
-``generation.TracePlan.report``; the result waits in ``{key: {position: pairs}}`` until the
+``planning.TracePlan.report``; the result waits in ``{key: {position: pairs}}`` until the
 engine takes it with ``fs_poll`` (a token's trace exists once the token is fed back in,
 i.e. once the next token of its request has been sampled; ``fs_poll`` also returns faults).
 ``key`` is the engine's request id, sent in the trace and the steering payloads: vLLM gives
@@ -112,7 +112,7 @@ class _TraceStore:
     """One traced request: its plan and the reports captured until the engine pops them."""
 
     req_id: str  # vLLM's internal id (the runner's key)
-    plan: Any  # generation.TracePlan on the worker's copy of the dictionary
+    plan: Any  # planning.TracePlan on the worker's copy of the dictionary
     rows: dict[int, list[Any]] = field(default_factory=dict)  # position -> [[index, act]...]
     touched: float = field(default_factory=time.monotonic)
 
