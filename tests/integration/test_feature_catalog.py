@@ -62,9 +62,10 @@ def redis_url() -> Iterator[str]:
 
 
 def clear(url: str, *fingerprints: str) -> None:
-    """Delete this test's keys (the tiny dictionaries' fingerprints are deterministic)."""
+    """Delete this test's keys (the tiny dictionaries' fingerprints are deterministic), and
+    those of searches over every dictionary (``all-<hash>``), so reruns start cold."""
     r = redis.Redis.from_url(url)
-    for fp in fingerprints:
+    for fp in (*fingerprints, "all-*"):
         for key in r.scan_iter(f"{PREFIX}:*:{fp}:*"):
             r.delete(key)
     r.close()
@@ -195,31 +196,51 @@ async def test_garbage_and_swapped_values_in_redis_are_dropped_and_recomputed(
 async def test_cancelling_one_search_does_not_stall_an_identical_one(
     engine: HookedEngine, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two identical cold SearchFeatures; the first client cancels 30 ms in. The second gets
-    its answer when the (single) computation finishes, not at its deadline."""
-    clear(redis_url, engine.dictionaries[SAE].fingerprint, engine.dictionaries[TC].fingerprint)
+    """Two identical cold SearchFeatures; the first client cancels while both wait for the
+    one computation. The second gets its answer as soon as the computation finishes (before:
+    the waiters were handed the first caller's cancellation and hung until their deadline)."""
+    clear(redis_url, engine.dictionaries[SAE].fingerprint)
     async with serving(engine, redis_url=redis_url) as (srv, stub):
-        catalog = srv.state.require_catalog()
-        search = catalog.search
+        catalog, cache = srv.state.require_catalog(), srv.state.cache
+        search, get_or_compute = catalog.search, cache.get_or_compute
+        release = asyncio.Event()
+        callers = {"in": 0, "out": 0, "searches": 0}
 
-        async def slow_search(req: Any) -> Any:  # a cold search over many dictionaries
-            await asyncio.sleep(0.3)
+        async def held_search(req: Any) -> Any:  # a cold search that finishes when told
+            callers["searches"] += 1
+            await release.wait()
             return await search(req)
 
-        monkeypatch.setattr(catalog, "search", slow_search)
-        req = pb.SearchFeaturesRequest(query="otter meteor banjo", limit=100)
-        first = stub.SearchFeatures(req, timeout=10)
-        await asyncio.sleep(0.01)
-        second = stub.SearchFeatures(req, timeout=10)
-        await asyncio.sleep(0.03)
+        async def counted(*args: Any) -> bytes:
+            callers["in"] += 1
+            try:
+                return await get_or_compute(*args)
+            finally:
+                callers["out"] += 1
+
+        async def until(condition: Any) -> None:
+            for _ in range(500):
+                if condition():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"timed out: {callers}")
+
+        monkeypatch.setattr(catalog, "search", held_search)
+        monkeypatch.setattr(cache, "get_or_compute", counted)
+        # scoped to SAE: its keys are cleared above, so the search is cold on every run
+        req = pb.SearchFeaturesRequest(query="otter meteor banjo", dictionary_id=SAE, limit=100)
+        first = stub.SearchFeatures(req, timeout=20)
+        await until(lambda: callers["searches"] == 1)  # the first one's search is running
+        second = stub.SearchFeatures(req, timeout=20)
+        await until(lambda: callers["in"] == 2)  # both wait for the same computation
         first.cancel()
-        t0 = asyncio.get_running_loop().time()
-        answer = await second
-        assert asyncio.get_running_loop().time() - t0 < 2.0
+        await until(lambda: callers["out"] >= 1)  # the server saw the first one go
+        release.set()
+        answer = await asyncio.wait_for(second, 5)
         with pytest.raises(asyncio.CancelledError):
             await first
-        assert answer == await stub.SearchFeatures(req)  # now a Redis hit
-        assert srv.state.cache.computations == 1
+        assert answer == await stub.SearchFeatures(req)  # now a cache hit
+        assert cache.computations == 1 and callers["searches"] == 1
 
 
 async def test_redis_stop_and_restart_are_invisible_to_clients(engine: HookedEngine) -> None:
