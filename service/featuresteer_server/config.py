@@ -43,6 +43,12 @@ class Limits:
     max_message_bytes: int
     max_search_limit: int = 100
     default_search_limit: int = 20
+    max_text_bytes: int = 128 * 1024
+    max_messages: int = 256
+    max_stop_strings: int = 16
+    max_stop_bytes: int = 256
+    max_vector_values: int = 16384
+    max_id_bytes: int = 256
 
 
 class Config(BaseSettings):
@@ -55,7 +61,12 @@ class Config(BaseSettings):
     host: str = Field("127.0.0.1", description="gRPC bind address")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: pick a free one)")
     grace_seconds: float = Field(10.0, ge=0, description="drain time on SIGTERM")
-    max_message_bytes: int = Field(64 * 1024 * 1024, description="gRPC send/receive limit")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="gRPC send limit; the receive limit is the largest per-method request "
+        "limit (docs/SECURITY.md), never above this",
+    )
     log_level: str = "INFO"
 
     # -- metrics
@@ -133,6 +144,38 @@ class Config(BaseSettings):
     attribution_memory_budget_bytes: int = Field(2 * 1024**3, ge=1)
     attribution_result_ttl_seconds: float = Field(900.0, gt=0, description="GetAttribution keeps")
 
+    # -- request size bounds (docs/SECURITY.md): checked on the protobuf containers before
+    # anything is converted, tokenized or materialised; each method's receive limit is the
+    # largest request its field bounds allow
+    max_text_bytes: int = Field(
+        128 * 1024,
+        ge=1,
+        description="UTF-8 bytes of one text: Tokenize text, a DecodeFeatures text input, the "
+        "Generate prompt, all Generate messages together (refused before tokenizing; 128 "
+        "bytes per token of max_tokens_per_input: no SmolLM2 token is longer than 81 bytes)",
+    )
+    max_messages: int = Field(256, ge=1, description="Generate chat messages")
+    max_stop_strings: int = Field(16, ge=0, description="Generate stop strings")
+    max_stop_bytes: int = Field(256, ge=1, description="UTF-8 bytes of one stop string")
+    max_vector_values: int = Field(
+        16384,
+        ge=1,
+        description="values of one raw-vector intervention (the engine then requires exactly "
+        "the hook's width)",
+    )
+    max_id_bytes: int = Field(
+        256,
+        ge=16,
+        description="UTF-8 bytes of an id or name: dictionary ids, fingerprints, hook names, "
+        "chat roles, job ids, preset/experiment names",
+    )
+    decode_dictionaries: tuple[str, ...] = Field(
+        (),
+        description="DecodeFeatures with no dictionary_ids and no features decodes with these "
+        "(at most max_dictionaries_per_call); empty: the loaded SAEs (not transcoders), the "
+        "first max_dictionaries_per_call in load order",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -160,6 +203,12 @@ class Config(BaseSettings):
             max_message_bytes=self.max_message_bytes,
             max_search_limit=self.max_search_limit,
             default_search_limit=min(self.default_search_limit, self.max_search_limit),
+            max_text_bytes=self.max_text_bytes,
+            max_messages=self.max_messages,
+            max_stop_strings=self.max_stop_strings,
+            max_stop_bytes=self.max_stop_bytes,
+            max_vector_values=self.max_vector_values,
+            max_id_bytes=self.max_id_bytes,
         )
 
 

@@ -1,9 +1,16 @@
 """Protobuf ⇄ domain, and nothing else. Structural validation (exactly-one-of, limits)
-happens here, once; checks that need the model or the dictionaries happen in the engine."""
+happens here, once; checks that need the model or the dictionaries happen in the engine.
+
+Size bounds (docs/SECURITY.md#limits) are checked on the protobuf containers themselves —
+``len()`` of a repeated field or a string — before anything is copied into tuples, tokenized
+or turned into tensors, and every request message has a byte limit (``request_byte_limits``:
+the largest request its field bounds allow) that the interceptor enforces before parsing.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sized
 
 from featuresteer.v1 import featuresteer_pb2 as pb
 from featuresteer_server import domain
@@ -11,19 +18,52 @@ from featuresteer_server.config import Limits
 from featuresteer_server.errors import InvalidArgument
 from featuresteer_server.tokenization import Token
 
+# at least the longest token of the supported tokenizers in UTF-8 bytes (SmolLM2's longest is
+# a run of 80 spaces after a newline, 81 bytes): N tokens never need more than N × this bytes
+MAX_TOKEN_BYTES = 128
+MAX_QUERY_CHARS = 1000  # SearchFeatures.query
+MAX_TARGET_TOKENS = 64  # Attribute.target_token_ids, max_logit_targets
+MAX_ATTRIBUTION_BATCH = 1024
+# vLLM's SamplingParams range for temperature (sampling_params.py: [0, 2]; below 0.01 it
+# raises the value to 0.01 with a warning per request): both engines follow it
+MAX_TEMPERATURE = 2.0
+MIN_TEMPERATURE = 0.01
+
 
 def _bos(msg: object) -> bool:
     """``optional bool prepend_bos``: unset means true."""
     return bool(msg.prepend_bos) if msg.HasField("prepend_bos") else True  # type: ignore[attr-defined]
 
 
-def feature_ref_from_pb(ref: pb.FeatureRef, field: str) -> domain.FeatureRef:
+def _count(container: Sized, limit: int, field: str) -> int:
+    """``len()`` of a repeated field (O(1) on protobuf containers), refused beyond ``limit``."""
+    n = len(container)
+    if n > limit:
+        raise InvalidArgument(field, f"{n} entries > the limit of {limit}")
+    return n
+
+
+def _text(value: str, limit: int, field: str) -> str:
+    """``value`` if its UTF-8 encoding has at most ``limit`` bytes, else INVALID_ARGUMENT
+    (characters ≤ bytes ≤ 4 × characters: most strings are decided without encoding)."""
+    if len(value) > limit or (4 * len(value) > limit and len(value.encode("utf-8")) > limit):
+        raise InvalidArgument(field, f"longer than the limit of {limit} UTF-8 bytes")
+    return value
+
+
+def _id(value: str, limits: Limits, field: str) -> str:
+    """An id or name field (dictionary id, fingerprint, hook, role, job id): ``max_id_bytes``."""
+    return _text(value, limits.max_id_bytes, field)
+
+
+def feature_ref_from_pb(ref: pb.FeatureRef, field: str, limits: Limits) -> domain.FeatureRef:
     if not ref.dictionary_id:
         raise InvalidArgument(f"{field}.dictionary_id", "required")
+    has_fp = ref.HasField("fingerprint")
     return domain.FeatureRef(
-        dictionary_id=ref.dictionary_id,
+        dictionary_id=_id(ref.dictionary_id, limits, f"{field}.dictionary_id"),
         index=int(ref.index),
-        fingerprint=ref.fingerprint if ref.HasField("fingerprint") else None,
+        fingerprint=_id(ref.fingerprint, limits, f"{field}.fingerprint") if has_fp else None,
     )
 
 
@@ -122,10 +162,11 @@ def info_to_pb(info: domain.EngineInfo, limits: Limits, version: str) -> pb.GetI
 
 
 def tokenize_request_from_pb(req: pb.TokenizeRequest, limits: Limits) -> domain.TokenizeRequest:
-    # a UTF-8 byte bound before tokenizing; the token bound is the engine's to check
-    if len(req.text.encode("utf-8")) > limits.max_tokens_per_input * 64:
-        raise InvalidArgument("text", "longer than the server's limit")
-    return domain.TokenizeRequest(text=req.text, prepend_bos=_bos(req))
+    # a UTF-8 byte bound before tokenizing; the token bound is checked on the tokens
+    text = _text(req.text, limits.max_text_bytes, "text")
+    return domain.TokenizeRequest(
+        text=text, prepend_bos=_bos(req), max_tokens=limits.max_tokens_per_input
+    )
 
 
 def tokens_to_pb(tokens: list[Token], limits: Limits) -> pb.TokenizeResponse:
@@ -140,55 +181,43 @@ def tokens_to_pb(tokens: list[Token], limits: Limits) -> pb.TokenizeResponse:
 
 
 def decode_request_from_pb(req: pb.DecodeFeaturesRequest, limits: Limits) -> domain.DecodeRequest:
+    # every count first (len() of the containers), then each element's size, then copies
     if not req.inputs:
         raise InvalidArgument("inputs", "at least one input is required")
-    if len(req.inputs) > limits.max_inputs:
-        raise InvalidArgument(
-            "inputs", f"{len(req.inputs)} inputs > max_inputs {limits.max_inputs}"
-        )
-    inputs = []
-    for i, inp in enumerate(req.inputs):
-        if inp.text and inp.token_ids:
-            raise InvalidArgument(f"inputs[{i}]", "set exactly one of text or token_ids, not both")
-        if inp.token_ids:
-            n = len(inp.token_ids)
-            inputs.append(domain.DecodeInput(token_ids=tuple(int(t) for t in inp.token_ids)))
-        else:
-            if not inp.text:
-                raise InvalidArgument(f"inputs[{i}]", "set exactly one of text or token_ids")
-            n = len(inp.text.encode("utf-8")) // 64  # cheap lower bound; exact check below
-            inputs.append(domain.DecodeInput(text=inp.text))
-        if n > limits.max_tokens_per_input:
-            raise InvalidArgument(
-                f"inputs[{i}]",
-                f"more than max_tokens_per_input {limits.max_tokens_per_input} tokens",
-            )
+    _count(req.inputs, limits.max_inputs, "inputs")
+    _count(req.dictionary_ids, limits.max_dictionaries_per_call, "dictionary_ids")
+    _count(req.features, limits.max_features_per_call, "features")
     if req.top_k > limits.max_top_k:
         raise InvalidArgument("top_k", f"{req.top_k} > max_top_k {limits.max_top_k}")
-    if len(req.dictionary_ids) > limits.max_dictionaries_per_call:
-        raise InvalidArgument(
-            "dictionary_ids",
-            f"{len(req.dictionary_ids)} > max_dictionaries_per_call "
-            f"{limits.max_dictionaries_per_call}",
-        )
-    if len(set(req.dictionary_ids)) != len(req.dictionary_ids):
-        raise InvalidArgument("dictionary_ids", "duplicate dictionary id")
-    if len(req.features) > limits.max_features_per_call:
-        raise InvalidArgument(
-            "features",
-            f"{len(req.features)} > max_features_per_call {limits.max_features_per_call}",
-        )
     if req.top_k == 0 and not req.features and not req.include_error:
         raise InvalidArgument("top_k", "nothing to return: set top_k, features or include_error")
+    for i, inp in enumerate(req.inputs):
+        has_ids = len(inp.token_ids) > 0
+        if has_ids:
+            _count(inp.token_ids, limits.max_tokens_per_input, f"inputs[{i}].token_ids")
+        else:
+            _text(inp.text, limits.max_text_bytes, f"inputs[{i}].text")
+        if has_ids == bool(inp.text):
+            raise InvalidArgument(f"inputs[{i}]", "set exactly one of text or token_ids")
+    ids = tuple(_id(d, limits, f"dictionary_ids[{i}]") for i, d in enumerate(req.dictionary_ids))
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("dictionary_ids", "duplicate dictionary id")
+    inputs = tuple(
+        domain.DecodeInput(token_ids=tuple(int(t) for t in inp.token_ids))
+        if len(inp.token_ids)
+        else domain.DecodeInput(text=inp.text)
+        for inp in req.inputs
+    )
     return domain.DecodeRequest(
-        inputs=tuple(inputs),
+        inputs=inputs,
         prepend_bos=_bos(req),
-        dictionary_ids=tuple(req.dictionary_ids),
+        dictionary_ids=ids,
         top_k=int(req.top_k),
         features=tuple(
-            feature_ref_from_pb(f, f"features[{i}]") for i, f in enumerate(req.features)
+            feature_ref_from_pb(f, f"features[{i}]", limits) for i, f in enumerate(req.features)
         ),
         include_error=bool(req.include_error),
+        max_response_bytes=limits.max_message_bytes,
     )
 
 
@@ -246,7 +275,12 @@ _FINISH = {
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
-def intervention_from_pb(iv: pb.Intervention, field: str) -> domain.Intervention:
+def _max_position(limits: Limits) -> int:
+    """No input position reaches this: a prompt plus its generated tokens is shorter."""
+    return limits.max_tokens_per_input + limits.max_new_tokens
+
+
+def intervention_from_pb(iv: pb.Intervention, field: str, limits: Limits) -> domain.Intervention:
     has_feature, has_vector = iv.HasField("feature"), iv.HasField("vector")
     if has_feature == has_vector:
         raise InvalidArgument(field, "set exactly one of feature or vector")
@@ -256,12 +290,24 @@ def intervention_from_pb(iv: pb.Intervention, field: str) -> domain.Intervention
     apply_to = _APPLY_TO.get(iv.apply_to)
     if apply_to is None:
         raise InvalidArgument(f"{field}.apply_to", f"unknown value {iv.apply_to}")
+    # the counts before any copy: positions are rebuilt as a tensor every step, and a vector
+    # of millions of floats cost +700 MiB as a tuple before its width was checked
+    end = _max_position(limits)
+    _count(iv.positions, end, f"{field}.positions")
+    if has_vector:
+        _count(iv.vector.values, limits.max_vector_values, f"{field}.vector.values")
+    positions = tuple(int(p) for p in iv.positions)
+    if positions and max(positions) >= end:
+        raise InvalidArgument(
+            f"{field}.positions",
+            f"{max(positions)} is beyond any input (max_tokens_per_input + max_new_tokens = {end})",
+        )
     when = None
     if iv.HasField("when"):
         if not iv.when.HasField("feature"):
             raise InvalidArgument(f"{field}.when.feature", "required")
         when = domain.Condition(
-            feature=feature_ref_from_pb(iv.when.feature, f"{field}.when.feature"),
+            feature=feature_ref_from_pb(iv.when.feature, f"{field}.when.feature", limits),
             above=float(iv.when.above),
         )
     vector = None
@@ -269,78 +315,101 @@ def intervention_from_pb(iv: pb.Intervention, field: str) -> domain.Intervention
         if not iv.vector.hook_name:
             raise InvalidArgument(f"{field}.vector.hook_name", "required")
         vector = domain.VectorTarget(
-            hook_name=iv.vector.hook_name, values=tuple(float(v) for v in iv.vector.values)
+            hook_name=_id(iv.vector.hook_name, limits, f"{field}.vector.hook_name"),
+            values=tuple(float(v) for v in iv.vector.values),
         )
+    feature = feature_ref_from_pb(iv.feature, f"{field}.feature", limits) if has_feature else None
     return domain.Intervention(
         op=op,
         value=float(iv.value),
-        feature=feature_ref_from_pb(iv.feature, f"{field}.feature") if has_feature else None,
+        feature=feature,
         vector=vector,
         normalize=bool(iv.normalize),
         apply_to=apply_to,
-        positions=tuple(int(p) for p in iv.positions),
+        positions=positions,
         when=when,
     )
 
 
+def _temperature(value: float) -> float:
+    """0 (greedy) or vLLM's range [0.01, 2]; (0, 0.01) becomes 0.01 as vLLM makes it (on the
+    hooked engine a tinier one overflowed the logits into NaN)."""
+    if not math.isfinite(value) or not 0.0 <= value <= MAX_TEMPERATURE:
+        raise InvalidArgument(
+            "temperature", f"must be 0 (greedy) or in (0, {MAX_TEMPERATURE}], got {value:g}"
+        )
+    return max(value, MIN_TEMPERATURE) if value > 0 else 0.0
+
+
+def _chat(req: pb.GenerateRequest, limits: Limits) -> tuple[tuple[str, str], ...]:
+    """The messages, within ``max_messages`` and, all contents and roles together,
+    ``max_text_bytes`` (they are tokenized as one chat prompt)."""
+    _count(req.messages, limits.max_messages, "messages")
+    limit = limits.max_text_bytes
+    chat = []
+    for i, m in enumerate(req.messages):
+        if not m.role:
+            raise InvalidArgument(f"messages[{i}].role", "required")
+        role = _id(m.role, limits, f"messages[{i}].role")
+        chat.append((role, _text(m.content, limit, f"messages[{i}].content")))
+    chars = sum(len(r) + len(c) for r, c in chat)  # ≤ bytes ≤ 4 × chars
+    if chars > limit or (
+        4 * chars > limit and sum(len(r.encode()) + len(c.encode()) for r, c in chat) > limit
+    ):
+        raise InvalidArgument("messages", f"longer than the limit of {limit} UTF-8 bytes together")
+    return tuple(chat)
+
+
 def generate_request_from_pb(req: pb.GenerateRequest, limits: Limits) -> domain.GenerateRequest:
+    _count(req.interventions, limits.max_interventions, "interventions")
+    _count(req.stop, limits.max_stop_strings, "stop")
     if bool(req.prompt) == bool(req.messages):
         raise InvalidArgument("prompt", "set exactly one of prompt or messages")
     for name in ("preset", "experiment", "unit_id"):
         if getattr(req, name):
+            _id(getattr(req, name), limits, name)
             raise InvalidArgument(name, "presets and experiments are not served yet")
-    if len(req.prompt.encode("utf-8")) > limits.max_tokens_per_input * 64:
-        raise InvalidArgument("prompt", "longer than the server's limit")
-    for i, m in enumerate(req.messages):
-        if not m.role:
-            raise InvalidArgument(f"messages[{i}].role", "required")
+    prompt = _text(req.prompt, limits.max_text_bytes, "prompt")
+    messages = _chat(req, limits)
     max_new = int(req.max_new_tokens) or min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens)
     if max_new > limits.max_new_tokens:
         raise InvalidArgument(
             "max_new_tokens", f"{max_new} > the server's limit {limits.max_new_tokens}"
         )
-    checks = (
-        ("temperature", req.temperature, 0.0),
-        ("top_p", req.top_p, 0.0),
-        ("repetition_penalty", req.repetition_penalty, 0.0),
-    )
-    for name, value, low in checks:
-        if not math.isfinite(value) or value < low:
-            raise InvalidArgument(name, f"must be finite and >= {low}, got {value}")
-    if req.top_p > 1.0:
-        raise InvalidArgument("top_p", f"must be in [0, 1], got {req.top_p}")
-    if len(req.interventions) > limits.max_interventions:
+    temperature = _temperature(req.temperature)
+    # 0 means "off" for both; vLLM wants top_p in (0, 1] and repetition_penalty > 0, finite
+    if not math.isfinite(req.top_p) or not 0.0 <= req.top_p <= 1.0:
+        raise InvalidArgument("top_p", f"must be in [0, 1] (0: off), got {req.top_p:g}")
+    if not math.isfinite(req.repetition_penalty) or req.repetition_penalty < 0.0:
         raise InvalidArgument(
-            "interventions",
-            f"{len(req.interventions)} > max_interventions {limits.max_interventions}",
+            "repetition_penalty",
+            f"must be finite and >= 0 (0: off), got {req.repetition_penalty:g}",
         )
-    if len(req.stop) > 16 or any(not s for s in req.stop):
-        raise InvalidArgument("stop", "at most 16 non-empty stop strings")
+    for i, stop in enumerate(req.stop):
+        if not stop:
+            raise InvalidArgument(f"stop[{i}]", "empty stop string")
+        _text(stop, limits.max_stop_bytes, f"stop[{i}]")
     trace = None
     if req.HasField("trace"):
         if req.trace.top_k > limits.max_top_k:
             raise InvalidArgument(
                 "trace.top_k", f"{req.trace.top_k} > max_top_k {limits.max_top_k}"
             )
-        if len(req.trace.features) > limits.max_features_per_call:
-            raise InvalidArgument(
-                "trace.features",
-                f"{len(req.trace.features)} > max_features_per_call {limits.max_features_per_call}",
-            )
+        _count(req.trace.features, limits.max_features_per_call, "trace.features")
         trace = domain.TraceSpec(
-            dictionary_id=req.trace.dictionary_id,
+            dictionary_id=_id(req.trace.dictionary_id, limits, "trace.dictionary_id"),
             top_k=int(req.trace.top_k),
             features=tuple(
-                feature_ref_from_pb(f, f"trace.features[{i}]")
+                feature_ref_from_pb(f, f"trace.features[{i}]", limits)
                 for i, f in enumerate(req.trace.features)
             ),
         )
     return domain.GenerateRequest(
-        prompt=req.prompt or None,
-        messages=tuple((m.role, m.content) for m in req.messages),
+        prompt=prompt or None,
+        messages=messages,
         prepend_bos=_bos(req),
         max_new_tokens=max_new,
-        temperature=float(req.temperature),
+        temperature=temperature,
         top_p=float(req.top_p) if 0.0 < req.top_p < 1.0 else 1.0,
         top_k=int(req.top_k),
         repetition_penalty=float(req.repetition_penalty) if req.repetition_penalty else 1.0,
@@ -348,7 +417,7 @@ def generate_request_from_pb(req: pb.GenerateRequest, limits: Limits) -> domain.
         stop=tuple(req.stop),
         logprobs=bool(req.logprobs),
         interventions=tuple(
-            intervention_from_pb(iv, f"interventions[{i}]")
+            intervention_from_pb(iv, f"interventions[{i}]", limits)
             for i, iv in enumerate(req.interventions)
         ),
         trace=trace,
@@ -403,6 +472,9 @@ def attribute_request_from_pb(
 ) -> domain.AttributeRequest:
     if not req.prompt:
         raise InvalidArgument("prompt", "required")
+    _count(req.target_token_ids, MAX_TARGET_TOKENS, "target_token_ids")
+    prompt = _text(req.prompt, attribute_prompt_bytes(limits), "prompt")
+    dictionary_id = _id(req.dictionary_id, limits, "dictionary_id")
     mode = _MODES.get(req.mode)
     if mode is None:
         raise InvalidArgument("mode", f"unknown mode {req.mode}")
@@ -415,14 +487,12 @@ def attribute_request_from_pb(
         raise InvalidArgument(
             "max_feature_nodes", f"{nodes} > the server's limit {limits.max_feature_nodes}"
         )
-    if req.max_logit_targets > 64:
-        raise InvalidArgument("max_logit_targets", f"{req.max_logit_targets} > 64")
-    if len(req.target_token_ids) > 64:
-        raise InvalidArgument("target_token_ids", "at most 64 targets")
-    if req.batch_size > 1024:
-        raise InvalidArgument("batch_size", f"{req.batch_size} > 1024")
+    if req.max_logit_targets > MAX_TARGET_TOKENS:
+        raise InvalidArgument("max_logit_targets", f"{req.max_logit_targets} > {MAX_TARGET_TOKENS}")
+    if req.batch_size > MAX_ATTRIBUTION_BATCH:
+        raise InvalidArgument("batch_size", f"{req.batch_size} > {MAX_ATTRIBUTION_BATCH}")
     return domain.AttributeRequest(
-        prompt=req.prompt,
+        prompt=prompt,
         prepend_bos=_bos(req),
         mode=mode,
         target_token_ids=tuple(int(t) for t in req.target_token_ids),
@@ -438,7 +508,7 @@ def attribute_request_from_pb(
         edge_threshold=_unit_interval(
             req.edge_threshold if req.HasField("edge_threshold") else 0.98, "edge_threshold"
         ),
-        dictionary_id=req.dictionary_id,
+        dictionary_id=dictionary_id,
         batch_size=int(req.batch_size or batch_size),
         detach=bool(req.detach),
     )
@@ -523,10 +593,10 @@ def job_to_pb(
 # -- Feature catalog
 
 
-def get_feature_request_from_pb(req: pb.GetFeatureRequest) -> domain.FeatureRef:
+def get_feature_request_from_pb(req: pb.GetFeatureRequest, limits: Limits) -> domain.FeatureRef:
     if not req.HasField("feature"):
         raise InvalidArgument("feature", "required")
-    return feature_ref_from_pb(req.feature, "feature")
+    return feature_ref_from_pb(req.feature, "feature", limits)
 
 
 def _token_values(values: tuple[domain.TokenValue, ...]) -> list[pb.TokenValue]:
@@ -552,19 +622,19 @@ def feature_to_pb(f: domain.Feature) -> pb.GetFeatureResponse:
 
 def search_request_from_pb(req: pb.SearchFeaturesRequest, limits: Limits) -> domain.SearchRequest:
     has_token = req.HasField("token_id")
+    if len(req.query) > MAX_QUERY_CHARS:
+        raise InvalidArgument("query", f"{len(req.query)} characters > {MAX_QUERY_CHARS}")
     query = req.query.strip()
     if has_token and query:
         raise InvalidArgument("query", "set query or token_id, not both")
     if not has_token and not query:
         raise InvalidArgument("query", "set query (non-blank) or token_id")
-    if len(query) > 1000:
-        raise InvalidArgument("query", f"{len(query)} characters > 1000")
     if req.limit > limits.max_search_limit:
         raise InvalidArgument("limit", f"{req.limit} > max_search_limit {limits.max_search_limit}")
     return domain.SearchRequest(
         query=query if not has_token else None,
         token_id=int(req.token_id) if has_token else None,
-        dictionary_id=req.dictionary_id,
+        dictionary_id=_id(req.dictionary_id, limits, "dictionary_id"),
         limit=int(req.limit) or limits.default_search_limit,
     )
 
@@ -576,3 +646,67 @@ def search_result_to_pb(res: domain.SearchResult) -> pb.SearchFeaturesResponse:
             for m in res.matches
         ]
     )
+
+
+# -- GetAttribution
+
+
+def job_id_from_pb(req: pb.GetAttributionRequest, limits: Limits) -> str:
+    if not req.job_id:
+        raise InvalidArgument("job_id", "required")
+    return _id(req.job_id, limits, "job_id")
+
+
+# -- request byte limits
+
+# wire overhead of one length-delimited field or repeated entry: a tag (1-2 bytes) and a
+# length varint (≤ 5); scalars are counted unpacked (tag + value), which bounds packed too
+_FIELD = 7
+_VARINT = 6  # tag + a uint32 varint
+_FLOAT = 5  # tag + 4 bytes
+_SLACK = 1024  # every scalar field of a message together, with room to spare
+
+
+def attribute_prompt_bytes(limits: Limits) -> int:
+    """Attribute's prompt: ``MAX_TOKEN_BYTES`` per attributable token, within max_text_bytes."""
+    return min(limits.max_text_bytes, MAX_TOKEN_BYTES * limits.max_attribution_tokens)
+
+
+def request_byte_limits(limits: Limits) -> dict[str, int]:
+    """The largest encoded request each FeatureSteer method accepts: the sum of its field
+    bounds, so a request within every field bound always fits and anything larger is refused
+    before it is parsed (by the error interceptor, RESOURCE_EXHAUSTED like gRPC's own limit)."""
+    ident = limits.max_id_bytes + _FIELD
+    ref = 2 * ident + _VARINT + _FIELD  # FeatureRef: dictionary_id, fingerprint, index
+    text = limits.max_text_bytes + _FIELD
+    decode_input = max(text, limits.max_tokens_per_input * _VARINT) + 2 * _FIELD
+    chat = limits.max_text_bytes + limits.max_messages * (ident + 2 * _FIELD)
+    intervention = (
+        2 * ref  # feature, when.feature
+        + ident  # vector.hook_name
+        + limits.max_vector_values * _FLOAT
+        + _max_position(limits) * _VARINT
+        + 4 * _FIELD
+    )
+    generate = (
+        max(text, chat)
+        + limits.max_stop_strings * (limits.max_stop_bytes + _FIELD)
+        + limits.max_interventions * intervention
+        + ident  # trace.dictionary_id
+        + limits.max_features_per_call * ref  # trace.features
+        + 3 * ident  # preset, experiment, unit_id
+    )
+    out = {
+        "GetInfo": 0,
+        "ListDictionaries": 0,
+        "Tokenize": text,
+        "DecodeFeatures": limits.max_inputs * decode_input
+        + limits.max_dictionaries_per_call * ident
+        + limits.max_features_per_call * ref,
+        "Generate": generate,
+        "Attribute": attribute_prompt_bytes(limits) + _FIELD + ident + MAX_TARGET_TOKENS * _VARINT,
+        "GetAttribution": ident,
+        "GetFeature": ref,
+        "SearchFeatures": 4 * MAX_QUERY_CHARS + _FIELD + ident,
+    }
+    return {method: n + _SLACK for method, n in out.items()}

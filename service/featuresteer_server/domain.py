@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -60,6 +61,7 @@ class EngineInfo:
 class TokenizeRequest:
     text: str
     prepend_bos: bool = True
+    max_tokens: int | None = None  # beyond: INVALID_ARGUMENT, before token records are built
 
 
 # -- DecodeFeatures
@@ -81,6 +83,35 @@ class DecodeRequest:
     top_k: int = 0
     features: tuple[FeatureRef, ...] = ()
     include_error: bool = False
+    # the answer must fit in this many encoded bytes (the server's send limit); None: no bound
+    max_response_bytes: int | None = None
+
+
+# Upper bounds of the encoded size of a DecodeFeatures answer, per record of
+# convert.decode_result_to_pb (tests/unit/test_decode.py holds them to a real encoding).
+DECODE_ENTRY_BYTES = 13  # FeatureActivation: index, activation, its tag and length
+DECODE_POSITION_BYTES = 24  # PositionFeatures without its entries
+DECODE_TOKEN_BYTES = 32  # Token without text/bytes; add 4 per raw byte (bytes + text ≤ 3/byte)
+DECODE_RESULT_BYTES = 16  # DictionaryResult without its id and positions
+DECODE_FIXED_BYTES = 1024  # provenance and framing, plus ~100 per dictionary (its fingerprint)
+
+
+def decode_response_bytes(
+    tokens: Sequence[Sequence[Token]], dictionary_ids: Sequence[str], entries: Sequence[int]
+) -> int:
+    """Upper bound of the encoded answer: every token of every input, per dictionary one
+    position record with ``entries[d]`` feature entries (top_k + selected features)."""
+    n_tokens = sum(len(item) for item in tokens)
+    raw = sum(len(t.bytes) for item in tokens for t in item)
+    per_position = sum(DECODE_POSITION_BYTES + e * DECODE_ENTRY_BYTES for e in entries)
+    per_item = sum(DECODE_RESULT_BYTES + len(d.encode()) for d in dictionary_ids) + 16
+    return (
+        n_tokens * (DECODE_TOKEN_BYTES + per_position)
+        + 4 * raw
+        + len(tokens) * per_item
+        + DECODE_FIXED_BYTES
+        + sum(100 + len(d.encode()) for d in dictionary_ids)
+    )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,25 @@ from typing import Protocol, TypeVar
 
 import grpc
 
+# at most this many characters of a user-supplied value go into an error message (a 16 KB
+# dictionary id echoed back turned NOT_FOUND into a client-side RESOURCE_EXHAUSTED)
+SHOWN_CHARS = 200
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, a long string cut to ``limit`` characters (with
+    its full length). Every message that echoes what a client sent goes through this."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}… ({len(value)} {unit})"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else f"{text[:limit]}…"
+
+
+def bounded_message(message: str, limit: int = 1024) -> str:
+    """The last guard on any status message: at most ``limit`` characters."""
+    return message if len(message) <= limit else f"{message[:limit]}… (message truncated)"
+
 
 class FeatureSteerError(Exception):
     """Base of every error the service reports on purpose."""
@@ -121,10 +140,10 @@ def pinned_dictionary(
     share this lookup, so clients see one message)."""
     d = table.get(dictionary_id)
     if d is None:
-        raise NotFound(f"{field}: unknown dictionary {dictionary_id!r}")
+        raise NotFound(f"{field}: unknown dictionary {shown(dictionary_id)}")
     if fingerprint and fingerprint != d.fingerprint:
         raise FailedPrecondition(
-            f"{field}: fingerprint {fingerprint!r} does not match the loaded dictionary "
+            f"{field}: fingerprint {shown(fingerprint)} does not match the loaded dictionary "
             f"{dictionary_id!r} ({d.fingerprint}); it was retrained or replaced"
         )
     return d

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from featuresteer.v1 import featuresteer_pb2 as pb
+from featuresteer_server import convert
 from featuresteer_server.config import Config
 from featuresteer_server.engines.base import Engine
 from featuresteer_server.interceptors import ErrorInterceptor
@@ -108,12 +109,15 @@ async def start_server(
 
         metrics = Metrics(CollectorRegistry())
     state = AppState(config, metrics)
-    max_bytes = config.max_message_bytes
+    # each method refuses requests beyond its own byte limit before parsing (interceptors.py);
+    # gRPC's receive limit is the largest of them, so nothing bigger is even buffered
+    request_limits = convert.request_byte_limits(state.limits)
+    max_receive = min(config.max_message_bytes, max(request_limits.values()))
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics)],
+        interceptors=[ErrorInterceptor(metrics, request_limits, default_limit=max_receive)],
         options=[
-            ("grpc.max_send_message_length", max_bytes),
-            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", max_receive),
         ],
     )
     add_to_server(FeatureSteerServicer(state), server)

@@ -3,6 +3,7 @@ Imports no torch; errors are raised as domain exceptions and mapped by the inter
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -14,7 +15,7 @@ from featuresteer.v1 import featuresteer_pb2 as pb
 from featuresteer.v1 import featuresteer_pb2_grpc as pb_grpc
 from featuresteer_server import __version__, convert, domain, jobs
 from featuresteer_server.cache import FeatureCache
-from featuresteer_server.errors import Cancelled, InvalidArgument, Unavailable
+from featuresteer_server.errors import Cancelled, Unavailable
 
 if TYPE_CHECKING:
     from featuresteer_server.catalog import FeatureCatalog
@@ -88,14 +89,17 @@ class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
         req = convert.tokenize_request_from_pb(request, self.state.limits)
         engine = self.state.require_engine()
-        return convert.tokens_to_pb(engine.tokenize(req), self.state.limits)
+        # tokenizing and building the answer are CPU work: off the event loop
+        return await asyncio.to_thread(
+            lambda: convert.tokens_to_pb(engine.tokenize(req), self.state.limits)
+        )
 
     async def DecodeFeatures(
         self, request: pb.DecodeFeaturesRequest, context: Any
     ) -> pb.DecodeFeaturesResponse:
         req = convert.decode_request_from_pb(request, self.state.limits)
         result = await self.state.require_engine().decode(req)
-        return convert.decode_result_to_pb(result)
+        return await asyncio.to_thread(convert.decode_result_to_pb, result)  # can be MBs
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Any
@@ -139,7 +143,7 @@ class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
                 raise job.error
             if job.state == jobs.CANCELLED:
                 raise Cancelled(f"attribution job {job.id} was cancelled")
-            yield convert.attribution_result_to_pb(job.id, job.result)
+            yield await asyncio.to_thread(convert.attribution_result_to_pb, job.id, job.result)
         finally:
             if not finished and not req.detach:  # the client went away: free the work
                 self.state.jobs.cancel(job)
@@ -147,17 +151,17 @@ class FeatureSteerServicer(pb_grpc.FeatureSteerServicer):
     async def GetAttribution(
         self, request: pb.GetAttributionRequest, context: Any
     ) -> pb.GetAttributionResponse:
-        if not request.job_id:
-            raise InvalidArgument("job_id", "required")
-        job = self.state.jobs.get(request.job_id)
+        job = self.state.jobs.get(convert.job_id_from_pb(request, self.state.limits))
         error = job.error_message  # never raw exception text (jobs.public_error)
         result = job.result if job.state == jobs.DONE else None
-        return convert.job_to_pb(job.id, job.state, job.stage, job.fraction, result, error)
+        return await asyncio.to_thread(
+            convert.job_to_pb, job.id, job.state, job.stage, job.fraction, result, error
+        )
 
     async def GetFeature(
         self, request: pb.GetFeatureRequest, context: Any
     ) -> pb.GetFeatureResponse:
-        ref = convert.get_feature_request_from_pb(request)
+        ref = convert.get_feature_request_from_pb(request, self.state.limits)
         catalog = self.state.require_catalog()
         d = catalog.resolve(ref)  # errors before the cache: they are never cached
         cache = self.state.cache

@@ -5,6 +5,10 @@ text. ``prepend_bos`` (default true) adds the model's BOS id explicitly — Smol
 says add_bos_token=False, TransformerLens would prepend, HF/vLLM would not, so the decision
 is made here once. ``Token.start``/``end`` are UTF-8 byte offsets into the request's text
 and ``Token.bytes`` holds the token's raw bytes (a token may split a UTF-8 character).
+
+Tokenizing is CPU work that callers run off the event loop (a worker thread): ``encode``
+goes through the Hugging Face batch path, which releases the GIL; ``tokenize`` with
+``max_tokens`` refuses an over-long text before building its token records.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Tokenizer:
         )
         decoder = getattr(hf_tokenizer, "backend_tokenizer", None)
         self._byte_level = decoder is not None and "ByteLevel" in str(decoder.pre_tokenizer)
+        self._bytes: dict[int, bytes] = {}  # token id -> raw bytes, filled on first use
 
     # -- ids
     def encode(self, text: str, prepend_bos: bool = True) -> list[int]:
@@ -77,6 +82,14 @@ class Tokenizer:
 
     # -- tokens with bytes and offsets
     def token_bytes(self, token_id: int) -> bytes:
+        raw = self._bytes.get(token_id)
+        if raw is None:  # one tokenizer call per vocabulary entry, not per token
+            raw = self._token_bytes(int(token_id))
+            if 0 <= token_id < self.vocab_size:
+                self._bytes[int(token_id)] = raw
+        return raw
+
+    def _token_bytes(self, token_id: int) -> bytes:
         piece = self.hf.convert_ids_to_tokens(int(token_id))
         if piece is None:
             return b""
@@ -105,9 +118,19 @@ class Tokenizer:
             pos += len(raw)
         return out
 
-    def tokenize(self, text: str, prepend_bos: bool = True) -> list[Token]:
-        """Tokens of ``text`` with UTF-8 byte offsets into it."""
+    def tokenize(
+        self,
+        text: str,
+        prepend_bos: bool = True,
+        *,
+        max_tokens: int | None = None,
+        field: str = "text",
+    ) -> list[Token]:
+        """Tokens of ``text`` with UTF-8 byte offsets into it; more than ``max_tokens`` is
+        INVALID_ARGUMENT on ``field``, refused before any token record is built."""
         ids = self.encode(text, prepend_bos)
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise InvalidArgument(field, f"{len(ids)} tokens > the limit of {max_tokens}")
         n_added = 1 if prepend_bos else 0
         toks = self.tokens(ids, n_added=n_added)
         if b"".join(t.bytes for t in toks[n_added:]) != text.encode("utf-8"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,7 @@ def test_prefix_and_batch_agree_with_full_and_alone(engine) -> None:  # type: ig
     ids = engine.tokenizer.encode(TEXT)
     prefix = ids[:7]
     other = engine.tokenizer.encode("A different, longer input that pads the batch out a lot.")
-    kw = dict(top_k=5, include_error=True)
+    kw = dict(top_k=5, include_error=True, dictionary_ids=(SAE, TC))
     full = decode(engine, inputs=(domain.DecodeInput(token_ids=tuple(ids)),), **kw)
     pre = decode(engine, inputs=(domain.DecodeInput(token_ids=tuple(prefix)),), **kw)
     batch = decode(
@@ -173,3 +174,44 @@ def test_hooked_logits_match_transformers(engine) -> None:  # type: ignore[no-un
         ref = engine.hf_model(ids).logits
         got = engine.model(ids)
     assert (ref - got).abs().max().item() < 1e-4
+
+
+def test_empty_dictionary_ids_decode_the_defaults(engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Not every dictionary (34 on the default server): the configured decode set, by default
+    the SAEs, at most max_dictionaries_per_call."""
+    inp = (domain.DecodeInput(text="hi"),)
+    res = decode(engine, inputs=inp, top_k=2)
+    assert [r.dictionary_id for r in res.items[0].results] == [SAE]
+    monkeypatch.setattr(engine, "decode_dictionaries", (TC,))
+    res = decode(engine, inputs=inp, top_k=2)
+    assert [r.dictionary_id for r in res.items[0].results] == [TC]
+    monkeypatch.setattr(engine, "decode_dictionaries", ())
+    monkeypatch.setattr(engine, "max_dictionaries_per_call", 0)
+    with pytest.raises(InvalidArgument, match="dictionary_ids"):
+        decode(engine, inputs=inp, top_k=2)
+
+
+def test_response_size_estimate_bounds_the_answer(engine) -> None:  # type: ignore[no-untyped-def]
+    """The estimate is an upper bound of the real encoding (not a loose one), and a request
+    whose answer could not be sent is refused before any compute, naming the fields."""
+    from featuresteer_server import convert
+
+    req = domain.DecodeRequest(
+        inputs=(
+            domain.DecodeInput(text=TEXT),
+            domain.DecodeInput(token_ids=tuple(range(1000, 1040))),
+        ),
+        dictionary_ids=(SAE, TC),
+        top_k=8,
+        features=(domain.FeatureRef(SAE, 3),),
+        include_error=True,
+        max_response_bytes=10**9,
+    )
+    res = asyncio.run(engine.decode(req))
+    actual = convert.decode_result_to_pb(res).ByteSize()
+    estimate = domain.decode_response_bytes([i.tokens for i in res.items], [SAE, TC], [9, 8])
+    assert actual <= estimate <= 3 * actual
+    small = dataclasses.replace(req, max_response_bytes=actual // 2)
+    with pytest.raises(InvalidArgument, match="top_k") as err:
+        asyncio.run(engine.decode(small))
+    assert "send limit" in str(err.value) and "dictionaries" in str(err.value)

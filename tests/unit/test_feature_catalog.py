@@ -398,7 +398,7 @@ def test_validation_names_the_field(engine) -> None:  # type: ignore[no-untyped-
     req = convert.search_request_from_pb(pb.SearchFeaturesRequest(token_id=0), limits)
     assert req.token_id == 0 and req.query is None and req.limit == 20
     with pytest.raises(InvalidArgument, match="feature"):
-        convert.get_feature_request_from_pb(pb.GetFeatureRequest())
+        convert.get_feature_request_from_pb(pb.GetFeatureRequest(), limits)
 
 
 def test_graph_feature_nodes_get_catalog_labels(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

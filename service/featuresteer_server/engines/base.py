@@ -23,7 +23,7 @@ class Engine(ABC):
         """Model, dictionaries and engines."""
 
     def tokenize(self, req: domain.TokenizeRequest) -> list[Token]:
-        return self.tokenizer.tokenize(req.text, req.prepend_bos)
+        return self.tokenizer.tokenize(req.text, req.prepend_bos, max_tokens=req.max_tokens)
 
     @abstractmethod
     async def decode(self, req: domain.DecodeRequest) -> domain.DecodeResult:

@@ -68,6 +68,8 @@ class HookedEngine(Engine):
         generation_engine: str = "hooked",
         engines: Sequence[str] = ("hooked",),
         max_tokens_per_input: int | None = None,
+        decode_dictionaries: Sequence[str] = (),
+        max_dictionaries_per_call: int = 8,
         hf_model: Any = None,
         attribution: AttributionSettings | None = None,
         max_edit_norm_ratio: float = interventions.DEFAULT_MAX_EDIT_RATIO,
@@ -86,6 +88,16 @@ class HookedEngine(Engine):
         for d in dictionaries:
             self.add_dictionary(d)
         self.max_tokens = min(int(model.cfg.n_ctx), max_tokens_per_input or int(model.cfg.n_ctx))
+        self.max_dictionaries_per_call = max_dictionaries_per_call
+        self.decode_dictionaries = tuple(decode_dictionaries)
+        if len(self.decode_dictionaries) > max_dictionaries_per_call:
+            raise ValueError(
+                f"decode_dictionaries names {len(self.decode_dictionaries)} dictionaries > "
+                f"max_dictionaries_per_call {max_dictionaries_per_call}"
+            )
+        for d_id in self.decode_dictionaries:
+            if d_id not in self.dictionaries:
+                raise ValueError(f"decode_dictionaries: {d_id!r} is not loaded")
         self.generation_engine = generation_engine
         self.engines = tuple(engines)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hooked-engine")
@@ -159,6 +171,15 @@ class HookedEngine(Engine):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
+    def decode_defaults(self) -> list[Any]:
+        """The dictionaries of a DecodeFeatures request that names none (and no features):
+        ``decode_dictionaries`` when configured, else the loaded SAEs (transcoders only when
+        there is no SAE), the first ``max_dictionaries_per_call`` in load order."""
+        if self.decode_dictionaries:
+            return [self.dictionary(d, "decode_dictionaries") for d in self.decode_dictionaries]
+        saes = [d for d in self.dictionaries.values() if not d.is_transcoder]
+        return (saes or list(self.dictionaries.values()))[: self.max_dictionaries_per_call]
+
     def _input_tokens(self, req: domain.DecodeRequest) -> list[tuple[Token, ...]]:
         out: list[tuple[Token, ...]] = []
         for i, inp in enumerate(req.inputs):
@@ -166,7 +187,12 @@ class HookedEngine(Engine):
                 self.tokenizer.check_ids(inp.token_ids, f"inputs[{i}].token_ids")
                 toks = self.tokenizer.tokens(inp.token_ids)
             else:
-                toks = self.tokenizer.tokenize(inp.text or "", req.prepend_bos)
+                toks = self.tokenizer.tokenize(
+                    inp.text or "",
+                    req.prepend_bos,
+                    max_tokens=self.max_tokens,
+                    field=f"inputs[{i}]",
+                )
             if not toks:
                 raise InvalidArgument(
                     f"inputs[{i}]", "no tokens (empty text and prepend_bos false)"
@@ -178,13 +204,34 @@ class HookedEngine(Engine):
             out.append(tuple(toks))
         return out
 
+    def _sized_input_tokens(
+        self, req: domain.DecodeRequest, dicts: list[Any], selected: dict[str, list[int]]
+    ) -> list[tuple[Token, ...]]:
+        """The inputs' tokens, once the answer is known to fit ``req.max_response_bytes``."""
+        tokens = self._input_tokens(req)
+        if req.max_response_bytes is None:
+            return tokens
+        entries = [min(req.top_k, d.d_sae) + len(selected.get(d.id, ())) for d in dicts]
+        size = domain.decode_response_bytes(tokens, [d.id for d in dicts], entries)
+        if size > req.max_response_bytes:
+            n_tokens = sum(len(t) for t in tokens)
+            raise InvalidArgument(
+                "inputs, dictionary_ids, top_k, features",
+                f"the answer would take up to {size} bytes ({n_tokens} tokens × {len(dicts)} "
+                f"dictionaries × (top_k {req.top_k} + selected features) × "
+                f"{domain.DECODE_ENTRY_BYTES} bytes per entry, plus tokens) > the server's "
+                f"send limit of {req.max_response_bytes} bytes; send fewer inputs or "
+                "dictionaries, or a smaller top_k",
+            )
+        return tokens
+
     async def decode(self, req: domain.DecodeRequest) -> domain.DecodeResult:
-        # empty dictionary_ids: every dictionary, or only the named features' dictionaries
+        # empty dictionary_ids: the decode defaults, or only the named features' dictionaries
         dicts = [
             self.dictionary(d, f"dictionary_ids[{i}]") for i, d in enumerate(req.dictionary_ids)
         ]
         if not dicts and not req.features:
-            dicts = list(self.dictionaries.values())
+            dicts = self.decode_defaults()
         selected: dict[str, list[int]] = {}
         for i, ref in enumerate(req.features):
             d = self.feature(ref, f"features[{i}]")
@@ -193,7 +240,9 @@ class HookedEngine(Engine):
             selected.setdefault(d.id, []).append(ref.index)
         if not dicts:
             raise InvalidArgument("dictionary_ids", "no dictionary is loaded or named")
-        tokens = self._input_tokens(req)
+        # tokenizing is CPU work: a worker thread (not the model's), so the event loop keeps
+        # answering health checks while a large text is tokenized
+        tokens = await asyncio.to_thread(self._sized_input_tokens, req, dicts, selected)
         items = await self.run(self._decode_sync, tokens, req, dicts, selected)
         return domain.DecodeResult(items=items, provenance=self.provenance(dicts))
 
@@ -402,7 +451,7 @@ class HookedEngine(Engine):
     def prepare_generate(
         self, req: domain.GenerateRequest
     ) -> tuple[list[planning.RunPlan], domain.Provenance]:
-        """Validate and plan a request (cheap; runs on the event loop)."""
+        """Validate and plan a request (tokenizes the prompt: callers run it in a thread)."""
         if self.hf_model is None:
             raise Unavailable("this engine was built without its transformers model")
         return self.plan_generate(req)
@@ -476,7 +525,7 @@ class HookedEngine(Engine):
         """Stream the steered run's chunks (then the baseline's, with ``compare_baseline``).
         One request at a time on the worker thread; a cancelled or expired call sets a flag
         the generation loop checks every step, which frees the worker."""
-        plans, prov = self.prepare_generate(req)
+        plans, prov = await asyncio.to_thread(self.prepare_generate, req)  # tokenizes
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
@@ -522,12 +571,15 @@ class HookedEngine(Engine):
         progress: Callable[[str, float], None],
         cancel: threading.Event,
     ) -> domain.AttributionResult:
-        tokens = tuple(self.tokenizer.tokenize(req.prompt, req.prepend_bos))
-        limit = self.attribution.max_tokens
-        if len(tokens) > limit:
-            raise InvalidArgument(
-                "prompt", f"{len(tokens)} tokens > max_attribution_tokens {limit}"
+        tokens = tuple(  # CPU work: off the event loop
+            await asyncio.to_thread(
+                self.tokenizer.tokenize,
+                req.prompt,
+                req.prepend_bos,
+                max_tokens=self.attribution.max_tokens,
+                field="prompt",
             )
+        )
         if len(tokens) < 2 and req.mode == "graph":
             raise InvalidArgument("prompt", "needs at least one token after BOS")
         self.tokenizer.check_ids(req.target_token_ids, "target_token_ids")

@@ -128,6 +128,8 @@ def load_engine(config: Config) -> HookedEngine:
         weights_hash=models.weights_hash(model_dir),
         source=str(model_dir),
         max_tokens_per_input=config.max_tokens_per_input,
+        decode_dictionaries=config.decode_dictionaries,
+        max_dictionaries_per_call=config.max_dictionaries_per_call,
         hf_model=hf_model.eval(),
         max_edit_norm_ratio=config.max_edit_norm_ratio,
         attribution=AttributionSettings(

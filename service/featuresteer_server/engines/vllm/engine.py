@@ -371,7 +371,7 @@ class VllmEngine(Engine):
         """Stream the steered run (then the baseline with ``compare_baseline``), traced in the
         worker when the request asks for a trace. Closing the iterator (client cancel,
         deadline) aborts the vLLM request, freeing its slot."""
-        plans, prov, items = self._plan(req)
+        plans, prov, items = await asyncio.to_thread(self._plan, req)  # tokenizes the prompt
         for k, plan in enumerate(plans):
             chunks: list[domain.GenerateChunk] = []
             async for chunk in self._run(plan, items if not plan.baseline else (), chunks):
