@@ -183,9 +183,9 @@ def test_mixed_batch_counts_and_unsteered_rows_bit_identical(h: Harness) -> None
 
 def test_edited_activation_is_x_plus_delta(h: Harness) -> None:
     items = (add(7, 5.0),)
-    h.run(h.vllm.llm.collective_rpc("fs_capture", args=(True,)))
+    h.run(h.vllm.llm.collective_rpc("fs_debug_capture", args=(True,)))
     _, _, spec = h.run(h.raw(prompt_ids(h, "The quick brown fox jumps over"), items, 4))
-    rec = h.run(h.vllm.llm.collective_rpc("fs_capture", args=(False,)))[0]
+    rec = h.run(h.vllm.llm.collective_rpc("fs_debug_capture", args=(False,)))[0]
     edits = rec["edits:" + spec.fingerprint]
     d_i = h.hooked.dictionaries[SAE].decoder_direction(7)
     n_rows = 0
@@ -209,9 +209,9 @@ def _hooked_logits(h: Harness, ids: list[int], spec: Any) -> torch.Tensor:
 
 def _vllm_prompt_logits(h: Harness, ids: list[int], items: tuple) -> tuple[torch.Tensor, Any]:
     h.run(h.vllm.llm.reset_prefix_cache())
-    h.run(h.vllm.llm.collective_rpc("fs_capture", args=(True,)))
+    h.run(h.vllm.llm.collective_rpc("fs_debug_capture", args=(True,)))
     _, _, spec = h.run(h.raw(ids, items, 1))
-    rec = h.run(h.vllm.llm.collective_rpc("fs_capture", args=(False,)))[0]
+    rec = h.run(h.vllm.llm.collective_rpc("fs_debug_capture", args=(False,)))[0]
     rows: dict[int, torch.Tensor] = {}
     for key, entries in rec.items():
         if key.startswith("edits:"):

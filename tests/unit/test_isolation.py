@@ -221,11 +221,11 @@ def _worker(engine: Any, runner: _Runner) -> SteeringWorkerExtension:
     ext = SteeringWorkerExtension()
     ext.model_runner = runner  # type: ignore[attr-defined]
     fs = ext._fs()
-    fs["dictionaries"] = engine.dictionaries
-    fs["special_ids"] = torch.tensor(sorted(engine.tokenizer.special_ids), dtype=torch.long)
-    fs["hook_names"] = engine.steering_hooks()
-    fs["d_model"] = D
-    fs["bounds"] = engine.edit_bounds
+    fs.dictionaries = engine.dictionaries
+    fs.special_ids = torch.tensor(sorted(engine.tokenizer.special_ids), dtype=torch.long)
+    fs.hook_names = engine.steering_hooks()
+    fs.d_model = D
+    fs.bounds = engine.edit_bounds
     return ext
 
 
@@ -245,7 +245,7 @@ def test_worker_guard_zeroes_and_faults_only_the_owning_request(engine: Any) -> 
     ids = torch.tensor(prompts["a"] + prompts["b"] + prompts["c"])
     positions = torch.tensor([0, 1, 2, 0, 1, 0, 1, 2, 3])
     ext._fs_on_step(None, (), {"input_ids": ids, "positions": positions})
-    step = ext._fs()["step"]
+    step = ext._fs().step
     assert step is not None and step.guard_from == 1
     hidden = torch.randn(9, D, generator=torch.Generator().manual_seed(0))
     residual = torch.randn(9, D, generator=torch.Generator().manual_seed(1))

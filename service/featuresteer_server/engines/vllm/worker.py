@@ -59,6 +59,11 @@ each hook returns at once unless a group reads or edits it or a trace reads it; 
 the steered rows are overwritten, so unsteered rows are bit-identical to the same batch with
 the hooks disabled (``fs_set_enabled(False)``, used by the tests).
 
+Layout: ``state.py`` (the typed state), ``grouping.py`` (which rows of a forward belong to
+which steered/traced request: ``build_step``), this module (the RPCs, the hooks and the
+isolation guard). ``fs_debug_capture`` is the one test-only switch (records final-norm rows and
+applied edits); serving never turns it on.
+
 Must not: import the engine, gRPC or asyncio; raise out of a hook for one bad request (a
 spec that fails to compile here is recorded as an internal fault of that request, which the
 engine aborts; the engine validated it before sending, so that only happens on a bug, and it
@@ -70,7 +75,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,66 +82,10 @@ import torch
 from torch import Tensor
 
 from featuresteer_server import taps
+from featuresteer_server.engines.vllm import grouping
+from featuresteer_server.engines.vllm.state import Fault, Group, WorkerState, zero_stats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Group:
-    """Rows of one forward that share one steering spec."""
-
-    spec: Any  # interventions.SteeringSpec
-    rows: Tensor  # [n] int64 row indices into the flattened batch
-    positions: Tensor  # [n] int64 absolute positions
-    prompt_len: Tensor  # [n] int64
-    special: Tensor  # [n] bool
-    owners: list[tuple[str, int, int]] = field(default_factory=list)  # (key, start, end)
-    captured: dict[str, Tensor] = field(default_factory=dict)  # hook -> [n, d] pre-edit
-
-
-@dataclass
-class _TraceRead:
-    """Rows of one forward at positions >= their prompt length, of the traced requests that
-    trace one dictionary (one encoding for all of them, one report per request)."""
-
-    hook: str  # the dictionary's input hook
-    dictionary: Any
-    rows: Tensor  # [n] int64 row indices into the flattened batch
-    positions: list[int]  # [n] absolute positions
-    owners: list[tuple[_TraceStore, int, int]]  # (request, start, end): slices of rows
-
-
-@dataclass
-class _TraceStore:
-    """One traced request: its plan and the reports captured until the engine pops them."""
-
-    req_id: str  # vLLM's internal id (the runner's key)
-    plan: Any  # planning.TracePlan on the worker's copy of the dictionary
-    rows: dict[int, list[Any]] = field(default_factory=dict)  # position -> [[index, act]...]
-    touched: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _Step:
-    groups: list[_Group]
-    traces: list[_TraceRead] = field(default_factory=list)
-    hooks: frozenset[str] = frozenset()  # every hook a group reads/edits or a trace reads
-    resid_pre: dict[int, Tensor] = field(default_factory=dict)  # layer -> [T, d] (steered only)
-    guard_from: int | None = None  # first layer whose inputs the finiteness guard checks
-
-
-@dataclass
-class _Fault:
-    """A request whose steered rows went non-finite: the error it gets (INVALID_ARGUMENT)."""
-
-    field_name: str
-    reason: str
-    req_id: str
-    internal: bool = False  # a server bug (INTERNAL), not the request's fault
-    touched: float = field(default_factory=time.monotonic)
-
-
-TRACE_TTL_S = 120.0  # traces of a request gone from the runner that nobody popped are dropped
 
 
 class SteeringWorkerExtension:
@@ -175,12 +123,12 @@ class SteeringWorkerExtension:
                     f"the engine has {item['fingerprint']} (files changed between loads?)"
                 )
             dicts[d.id] = d.eval()
-        fs["dictionaries"] = dicts
-        fs["special_ids"] = torch.tensor(sorted(config.get("special_ids", [])), dtype=torch.long)
-        fs["hook_names"] = tuple(config.get("hook_names", ()))
-        fs["d_model"] = int(config["d_model"])
+        fs.dictionaries = dicts
+        fs.special_ids = torch.tensor(sorted(config.get("special_ids", [])), dtype=torch.long)
+        fs.hook_names = tuple(config.get("hook_names", ()))
+        fs.d_model = int(config["d_model"])
         scales = config.get("hook_scales")
-        fs["bounds"] = (
+        fs.bounds = (
             interventions.EditBounds(
                 {h: float(v) for h, v in scales.items()}, float(config["max_edit_norm_ratio"])
             )
@@ -190,7 +138,7 @@ class SteeringWorkerExtension:
         self._fs_install(model)
         return {
             "dictionaries": len(dicts),
-            "hooks": len(fs["handles"]),
+            "hooks": len(fs.handles),
             "dtype": str(dtype).removeprefix("torch."),
         }
 
@@ -198,8 +146,8 @@ class SteeringWorkerExtension:
         """Turn every hook (steering and trace) into a no-op (False) or back on; returns the
         previous state."""
         fs = self._fs()
-        prev = bool(fs["enabled"])
-        fs["enabled"] = bool(enabled)
+        prev = fs.enabled
+        fs.enabled = bool(enabled)
         return prev
 
     def fs_stats(self) -> dict[str, Any]:
@@ -207,9 +155,9 @@ class SteeringWorkerExtension:
         held now: ``trace_requests_stored`` (traced requests the engine has not closed) and
         ``trace_plans_cached`` (cached per-request plans that include a trace)."""
         fs = self._fs()
-        out = dict(fs["stats"])
-        out["trace_requests_stored"] = len(fs["traces"])
-        out["trace_plans_cached"] = sum(1 for _, t in fs["specs"].values() if t is not None)
+        out: dict[str, Any] = dict(fs.stats)
+        out["trace_requests_stored"] = len(fs.traces)
+        out["trace_plans_cached"] = sum(1 for _, t in fs.plans.values() if t is not None)
         return out
 
     def fs_poll(
@@ -226,59 +174,46 @@ class SteeringWorkerExtension:
         traces: dict[str, list[Any]] = {}
         faults: dict[str, list[Any]] = {}
         for key in keys:
-            fault: _Fault | None = fs["faults"].get(key)
+            fault = fs.faults.get(key)
             if fault is not None:
                 faults[key] = [fault.field_name, fault.reason, fault.internal]
                 if key in finals:
-                    del fs["faults"][key]
-                    fs["specs"].pop(fault.req_id, None)
-            st: _TraceStore | None = fs["traces"].get(key)
-            if st is None:
+                    del fs.faults[key]
+                    fs.plans.pop(fault.req_id, None)
+            store = fs.traces.get(key)
+            if store is None:
                 continue
-            if st.rows:
-                traces[key] = [[p, pairs] for p, pairs in sorted(st.rows.items())]
-                st.rows = {}
+            if store.rows:
+                traces[key] = [[p, pairs] for p, pairs in sorted(store.rows.items())]
+                store.rows = {}
             if key in finals:
-                del fs["traces"][key]
-                fs["specs"].pop(st.req_id, None)
+                del fs.traces[key]
+                fs.plans.pop(store.req_id, None)
         return {"traces": traces, "faults": faults}
 
     def fs_reset_stats(self) -> None:
-        self._fs()["stats"] = _zero_stats()
+        self._fs().stats = zero_stats()
 
-    def fs_capture(self, enabled: bool) -> dict[str, list[Any]]:
-        """Start (True) or stop (False) recording the final-norm hidden state of every row,
-        keyed by request id: [(positions, [n, d] float32 as lists)] per forward, and every edit
-        as applied, keyed "edits:<fingerprint>": [(hook, positions, x, x')] (lists: the RPC
-        reply crosses processes as msgpack).
-        Stopping returns and clears the record. For tests (logits = rows @ lm_head.T); never
-        in serving."""
+    def fs_debug_capture(self, enabled: bool) -> dict[str, list[Any]]:
+        """Tests only (the one debug switch; never in serving). Start (True) or stop (False)
+        recording the final-norm hidden state of every row, keyed by request id:
+        [(positions, [n, d] float32 as lists)] per forward, and every edit as applied, keyed
+        "edits:<fingerprint>": [(hook, positions, x, x')] (lists: the RPC reply crosses
+        processes as msgpack). Stopping returns and clears the record (logits = rows @
+        lm_head.T)."""
         fs = self._fs()
-        out = fs["capture"] or {}
-        fs["capture"] = {} if enabled else None
+        out = fs.debug_capture or {}
+        fs.debug_capture = {} if enabled else None
+        fs.capture_rows = None
         return out
 
     # -- internals --------------------------------------------------------------------------
 
-    def _fs(self) -> dict[str, Any]:
+    def _fs(self) -> WorkerState:
         state = self.__dict__.get("_fs_state")
         if state is None:
-            state = {
-                "enabled": True,
-                "handles": [],
-                # req_id -> (SteeringSpec | None, _TraceStore | None): None = unsteered/untraced
-                "specs": {},
-                "traces": {},  # key (the engine's request id) -> _TraceStore
-                "faults": {},  # key -> _Fault: steered rows went non-finite
-                "keys": {},  # req_id -> key, for steered requests
-                "bounds": None,  # interventions.EditBounds, from fs_setup
-                "step": None,
-                "stats": _zero_stats(),
-                "capture": None,
-                "dictionaries": {},
-            }
-            self.__dict__["_fs_state"] = state
-        return state
+            state = self.__dict__["_fs_state"] = WorkerState()
+        return state  # type: ignore[no-any-return]
 
     def _fs_model(self) -> Any:
         runner = self.model_runner  # type: ignore[attr-defined]
@@ -287,9 +222,9 @@ class SteeringWorkerExtension:
 
     def _fs_install(self, model: Any) -> None:
         fs = self._fs()
-        for h in fs["handles"]:
+        for h in fs.handles:
             h.remove()
-        handles = fs["handles"] = []
+        handles = fs.handles = []
         fam = taps.VLLM_LLAMA
         handles.append(model.register_forward_pre_hook(self._fs_on_step, with_kwargs=True))
         final = fam.final_norm_module(model)
@@ -311,203 +246,24 @@ class SteeringWorkerExtension:
                 module("hook_resid_post").register_forward_hook(self._fs_layer_post(layer)),
             ]
 
-    def _fs_request(self, req_id: str, state: Any) -> tuple[Any, Any]:
-        """(compiled spec or None: unsteered, _TraceStore or None: untraced) of one request,
-        built once."""
-        fs = self._fs()
-        specs = fs["specs"]
-        if req_id in specs:
-            return specs[req_id]  # type: ignore[no-any-return]
-        spec = None
-        params = getattr(state, "sampling_params", None)
-        extra = getattr(params, "extra_args", None) or {}
-        from featuresteer_server.engines.vllm import wire
-
-        payload = extra.get(wire.EXTRA_KEY)
-        if payload:
-            try:
-                spec = wire.compile_payload(
-                    payload,
-                    fs["dictionaries"],
-                    hook_names=fs["hook_names"],
-                    d_model=fs["d_model"],
-                    bounds=fs["bounds"],
-                )
-                if spec.empty:
-                    spec = None
-                else:
-                    fs["keys"][req_id] = str(payload.get("key") or req_id)
-            except Exception:  # noqa: BLE001 - one bad request must not stop the batch
-                # the engine validated it with the same dictionaries and bounds: a bug. The
-                # request runs unsteered until the engine's next poll aborts it (INTERNAL)
-                log.exception("request %s: steering spec failed to compile in the worker", req_id)
-                fs["stats"]["spec_errors_total"] += 1
-                spec = None
-                key = str(payload.get("key") or req_id)
-                fs["faults"][key] = _Fault(
-                    "interventions", "the vLLM worker could not compile the steering spec",
-                    req_id, internal=True,
-                )  # fmt: skip
-        trace = None
-        trace_payload = extra.get(wire.TRACE_KEY)
-        if trace_payload:
-            try:
-                plan = wire.decode_trace(trace_payload, fs["dictionaries"])
-                key = str(trace_payload.get("key") or req_id)
-                trace = fs["traces"].get(key)  # kept if the request comes back (preemption)
-                if trace is None:
-                    trace = fs["traces"][key] = _TraceStore(req_id=req_id, plan=plan)
-                trace.req_id = req_id
-            except Exception:  # noqa: BLE001 - one bad request must not stop the batch
-                log.exception("request %s: trace plan failed to decode in the worker", req_id)
-                fs["stats"]["trace_errors_total"] += 1
-        specs[req_id] = (spec, trace)
-        return spec, trace
-
     def _fs_on_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        fs = self._fs()
-        fs["step"] = None
-        if not fs["enabled"]:
+        st = self._fs()
+        st.step = None
+        if not st.enabled:
             return
         runner = self.model_runner  # type: ignore[attr-defined]
-        req_ids: list[str] = list(runner.input_batch.req_ids)
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        stats = fs["stats"]
-        if not req_ids or positions is None or input_ids is None:
+        if not runner.input_batch.req_ids or positions is None or input_ids is None:
             return  # a warm-up / profiling run (or embeddings input: not steerable here)
-        stats["steps_total"] += 1
-        specs = fs["specs"]
-        if len(specs) > 4 * len(req_ids) + 64:  # drop requests that left the runner
-            live = set(runner.requests)
-            for rid in [r for r in specs if r not in live]:
-                del specs[rid]
-                fs["keys"].pop(rid, None)
-        if fs["faults"]:  # faults the engine never polled finally (it always does; a backstop)
-            now = time.monotonic()
-            for key, fault in list(fs["faults"].items()):
-                if fault.req_id not in runner.requests and now - fault.touched > TRACE_TTL_S:
-                    del fs["faults"][key]
-        if fs["traces"]:  # requests the engine never closed (it always does; a backstop)
-            now = time.monotonic()
-            for key, st in list(fs["traces"].items()):
-                if st.req_id not in runner.requests and now - st.touched > TRACE_TTL_S:
-                    del fs["traces"][key]
-                    specs.pop(st.req_id, None)
-        n = len(req_ids)
-        qsl = runner.query_start_loc.cpu[: n + 1].tolist()
-        if fs["capture"] is not None:
-            fs["capture_rows"] = (req_ids, qsl, positions[: qsl[-1]].tolist())
-        by_fp: dict[str, list[int]] = {}
-        spec_of: dict[str, Any] = {}
-        traced: list[tuple[int, _TraceStore]] = []
-        n_unsteered = 0
-        for i, rid in enumerate(req_ids):
-            spec, trace = self._fs_request(rid, runner.requests.get(rid))
-            if trace is not None:
-                traced.append((i, trace))
-            if spec is None:
-                n_unsteered += 1
-                continue
-            by_fp.setdefault(spec.fingerprint, []).append(i)
-            spec_of[spec.fingerprint] = spec
-        if not by_fp and not traced:
-            return
-        if by_fp:
-            stats["steered_steps_total"] += 1
-            if len(by_fp) >= 2:
-                stats["mixed_spec_steps_total"] += 1
-            if n_unsteered:
-                stats["mixed_steered_unsteered_steps_total"] += 1
-            stats["max_specs_in_step"] = max(stats["max_specs_in_step"], len(by_fp))
-        special_ids = fs["special_ids"]
-        groups = []
-        for fp, idxs in by_fp.items():
-            rows_l: list[int] = []
-            plen_l: list[int] = []
-            owners: list[tuple[str, int, int]] = []
-            for i in idxs:
-                state = runner.requests[req_ids[i]]
-                owners.append(
-                    (
-                        fs["keys"].get(req_ids[i], req_ids[i]),
-                        len(rows_l),
-                        len(rows_l) + qsl[i + 1] - qsl[i],
-                    )
-                )
-                rows_l.extend(range(qsl[i], qsl[i + 1]))
-                plen_l.extend([len(state.prompt_token_ids or ())] * (qsl[i + 1] - qsl[i]))
-            rows = torch.tensor(rows_l, dtype=torch.long)
-            pos = positions.index_select(0, rows.to(positions.device)).to(torch.long).cpu()
-            ids = input_ids.index_select(0, rows.to(input_ids.device)).cpu()
-            groups.append(
-                _Group(
-                    spec=spec_of[fp],
-                    rows=rows,
-                    positions=pos,
-                    prompt_len=torch.tensor(plen_l, dtype=torch.long),
-                    special=torch.isin(ids, special_ids),
-                    owners=owners,
-                )
-            )
-        traces = self._fs_trace_reads(traced, req_ids, qsl, positions) if traced else []
-        if traces:
-            stats["traced_steps_total"] += 1
-        hooks = {h for g in groups for h in (*g.spec.read_hooks, *g.spec.edit_hooks)}
-        hooks |= {t.hook for t in traces}
-        if not hooks:
-            return  # traced requests with no generated row in this step (prefill)
-        guard_from = None
-        if groups:  # layers from the first edit on: their inputs are checked (isolation guard)
-            from featuresteer_server.interventions import hook_order
-
-            guard_from = min(hook_order(h)[0] for g in groups for h in g.spec.edit_hooks)
-        fs["step"] = _Step(
-            groups=groups, traces=traces, hooks=frozenset(hooks), guard_from=guard_from
-        )
-        stats["steered_rows_total"] += sum(len(g.rows) for g in groups)
-
-    def _fs_trace_reads(
-        self,
-        traced: list[tuple[int, _TraceStore]],
-        req_ids: list[str],
-        qsl: list[int],
-        positions: Tensor,
-    ) -> list[_TraceRead]:
-        """The rows of traced requests at positions >= their prompt length, grouped by the
-        traced dictionary."""
-        runner = self.model_runner  # type: ignore[attr-defined]
-        pos = positions[: qsl[-1]].to(torch.long).cpu()
-        by_dict: dict[str, tuple[Any, list[int], list[int], list[tuple[_TraceStore, int, int]]]]
-        by_dict = {}
-        for i, st in traced:
-            plen = len(runner.requests[req_ids[i]].prompt_token_ids or ())
-            a, b = qsl[i], qsl[i + 1]
-            keep = (pos[a:b] >= plen).nonzero().flatten()
-            if keep.numel() == 0:
-                continue
-            d = st.plan.dictionary
-            _, rows, ps, owners = by_dict.setdefault(d.id, (d, [], [], []))
-            start = len(rows)
-            rows.extend((keep + a).tolist())
-            ps.extend(pos[a:b][keep].tolist())
-            owners.append((st, start, len(rows)))
-        return [
-            _TraceRead(
-                hook=d.hook_name,
-                dictionary=d,
-                rows=torch.tensor(rows, dtype=torch.long),
-                positions=ps,
-                owners=owners,
-            )
-            for d, rows, ps, owners in by_dict.values()
-        ]
+        st.step = grouping.build_step(st, runner, positions, input_ids)
 
     def _fs_trace_read(self, hook: str, x: Tensor) -> None:
         """Encode the traced rows of ``x`` (pre-edit, at ``hook``) in float32 and store each
         request's report by position. Only reads x."""
         fs = self._fs()
-        step: _Step = fs["step"]
+        step = fs.step
+        assert step is not None
         for tr in step.traces:
             if tr.hook != hook:
                 continue
@@ -521,17 +277,17 @@ class SteeringWorkerExtension:
                     for p, pairs in zip(tr.positions[a:b], reports, strict=True):
                         st.rows[p] = [[i, v] for i, v in pairs]
                     st.touched = now
-                fs["stats"]["trace_rows_total"] += len(tr.positions)
+                fs.stats["trace_rows_total"] += len(tr.positions)
             except Exception:  # noqa: BLE001 - never raise out of a hook
                 log.exception("trace of dictionary %s failed in the worker", tr.dictionary.id)
-                fs["stats"]["trace_errors_total"] += 1
+                fs.stats["trace_errors_total"] += 1
 
     def _fs_process(self, hook: str, x: Tensor) -> dict[int, Tensor]:
         """Capture pre-edit rows at ``hook`` and edit them; returns {group index: [n, d] new
         rows} for the groups that have edits here (x itself is never written)."""
         from featuresteer_server import interventions
 
-        step: _Step | None = self._fs()["step"]
+        step = self._fs().step
         out: dict[int, Tensor] = {}
         if step is None:
             return out
@@ -560,7 +316,7 @@ class SteeringWorkerExtension:
                         captured=g.captured,
                     ),
                 )
-                record = self._fs()["capture"]
+                record = self._fs().debug_capture
                 if record is not None:  # tests: the edit exactly as applied
                     record.setdefault("edits:" + spec.fingerprint, []).append(
                         (
@@ -573,7 +329,7 @@ class SteeringWorkerExtension:
         return out
 
     def _fs_wants(self, hooks: tuple[str, ...]) -> bool:
-        step: _Step | None = self._fs()["step"]
+        step = self._fs().step
         if step is None:
             return False
         return any(h in g.spec.read_hooks for g in step.groups for h in hooks) or any(
@@ -584,7 +340,8 @@ class SteeringWorkerExtension:
         self, hook: str, hidden: Tensor, residual: Tensor | None
     ) -> tuple[Tensor, Tensor | None] | None:
         """A hook whose value is hidden + residual: edited rows become (x', 0)."""
-        step: _Step = self._fs()["step"]
+        step = self._fs().step
+        assert step is not None
         total = hidden if residual is None else hidden + residual  # [T, d]
         new = self._fs_process(hook, total)
         if not new:
@@ -600,22 +357,22 @@ class SteeringWorkerExtension:
 
     # -- the isolation guard
 
-    def _fs_fault(self, g: _Group, bad: Tensor, hook: str) -> None:
+    def _fs_fault(self, g: Group, bad: Tensor, hook: str) -> None:
         """Record every request owning a True row of ``bad`` [n] (group rows) as faulted."""
         from featuresteer_server import interventions
 
         fs = self._fs()
         hit = set(bad.nonzero().flatten().tolist())
-        runner_ids = {key: rid for rid, key in fs["keys"].items()}
+        runner_ids = {key: rid for rid, key in fs.keys.items()}
         for key, a, b in g.owners:
-            if key in fs["faults"] or not any(a <= r < b for r in hit):
+            if key in fs.faults or not any(a <= r < b for r in hit):
                 continue
             err = interventions.nonfinite_error(g.spec, hook)
-            fs["faults"][key] = _Fault(err.field, err.reason, runner_ids.get(key, key))
-            fs["stats"]["nonfinite_requests_total"] += 1
+            fs.faults[key] = Fault(err.field, err.reason, runner_ids.get(key, key))
+            fs.stats["nonfinite_requests_total"] += 1
             log.warning("request %s: steered rows non-finite at %s; aborting it", key, hook)
 
-    def _fs_guard(self, g: _Group, hook: str, rows: Tensor) -> Tensor:
+    def _fs_guard(self, g: Group, hook: str, rows: Tensor) -> Tensor:
         """Edited rows [n, d] of one group -> the same rows, with every row that is not
         finite zeroed and its request faulted."""
         from featuresteer_server import interventions
@@ -634,7 +391,8 @@ class SteeringWorkerExtension:
         is finite (nothing written). Other requests' rows are neither read nor written."""
         from featuresteer_server import interventions
 
-        step: _Step = self._fs()["step"]
+        step = self._fs().step
+        assert step is not None
         out: tuple[Tensor, Tensor | None] | None = None
         for g in step.groups:
             idx = g.rows.to(hidden.device)
@@ -657,7 +415,7 @@ class SteeringWorkerExtension:
         hook = f"blocks.{layer}.ln1.hook_normalized"  # the attention's (weighted) input
 
         def fn(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            step: _Step | None = self._fs()["step"]
+            step = self._fs().step
             if step is None or step.guard_from is None or layer < step.guard_from:
                 return None
             if "hidden_states" in kwargs:
@@ -669,7 +427,7 @@ class SteeringWorkerExtension:
         return fn
 
     def _fs_final_norm_pre(self, module: Any, args: tuple[Any, ...]) -> Any:
-        step: _Step | None = self._fs()["step"]
+        step = self._fs().step
         if step is None or step.guard_from is None:
             return None
         hidden, residual = args[0], args[1] if len(args) > 1 else None
@@ -682,7 +440,7 @@ class SteeringWorkerExtension:
         hook = f"blocks.{layer}.hook_resid_pre"
 
         def fn(module: Any, args: tuple[Any, ...]) -> Any:
-            step: _Step | None = self._fs()["step"]
+            step = self._fs().step
             if step is None:
                 return None
             guard = step.guard_from is not None and layer >= step.guard_from
@@ -710,7 +468,7 @@ class SteeringWorkerExtension:
         norm_hook = f"blocks.{layer}.ln2.hook_normalized"
 
         def fn(module: Any, args: tuple[Any, ...]) -> Any:
-            step: _Step | None = self._fs()["step"]
+            step = self._fs().step
             if step is None or not (step.hooks & {attn_hook, mid_hook, norm_hook}):
                 return None
             attn, residual = args[0], args[1] if len(args) > 1 else None
@@ -735,7 +493,8 @@ class SteeringWorkerExtension:
 
     def _fs_process_read_only(self, hook: str, x: Tensor) -> None:
         """Capture only (edits at this hook happen in the matching post-hook)."""
-        step: _Step = self._fs()["step"]
+        step = self._fs().step
+        assert step is not None
         if step.traces:
             self._fs_trace_read(hook, x)
         for g in step.groups:
@@ -748,7 +507,7 @@ class SteeringWorkerExtension:
         def fn(module: Any, args: Any, out: Any) -> Any:
             from featuresteer_server import interventions
 
-            step: _Step | None = self._fs()["step"]
+            step = self._fs().step
             if step is None:
                 return None
             normed_w = out[0] if isinstance(out, tuple) else out  # [T, d] = n·weight
@@ -781,7 +540,7 @@ class SteeringWorkerExtension:
         hook = f"blocks.{layer}.hook_mlp_out"
 
         def fn(module: Any, args: Any, out: Tensor) -> Any:
-            step: _Step | None = self._fs()["step"]
+            step = self._fs().step
             if step is None or hook not in step.hooks:
                 return None
             new = self._fs_process(hook, out)
@@ -798,7 +557,7 @@ class SteeringWorkerExtension:
         hook = f"blocks.{layer}.hook_resid_post"
 
         def fn(module: Any, args: Any, out: Any) -> Any:
-            step: _Step | None = self._fs()["step"]
+            step = self._fs().step
             if step is None or hook not in step.hooks:
                 return None
             hidden, residual = out
@@ -809,29 +568,12 @@ class SteeringWorkerExtension:
 
     def _fs_on_final_norm(self, module: Any, args: Any, out: Any) -> None:
         fs = self._fs()
-        if fs["capture"] is None or "capture_rows" not in fs:
+        if fs.debug_capture is None or fs.capture_rows is None:
             return
         hidden = out[0] if isinstance(out, tuple) else out  # [T, d]
-        req_ids, qsl, pos = fs.pop("capture_rows")
+        (req_ids, qsl, pos), fs.capture_rows = fs.capture_rows, None
         for i, rid in enumerate(req_ids):
             a, b = qsl[i], qsl[i + 1]
-            fs["capture"].setdefault(rid, []).append(
+            fs.debug_capture.setdefault(rid, []).append(
                 (pos[a:b], hidden[a:b].detach().to(torch.float32).tolist())
             )
-
-
-def _zero_stats() -> dict[str, Any]:
-    return {
-        "steps_total": 0,
-        "steered_steps_total": 0,
-        "mixed_spec_steps_total": 0,
-        "mixed_steered_unsteered_steps_total": 0,
-        "steered_rows_total": 0,
-        "max_specs_in_step": 0,
-        "spec_errors_total": 0,
-        "traced_steps_total": 0,
-        "trace_rows_total": 0,
-        "trace_errors_total": 0,
-        "nonfinite_requests_total": 0,
-        "since": time.time(),
-    }
