@@ -54,7 +54,7 @@ bench: setup
 	$(PY) benchmarks/bench_decode.py
 
 dictionaries: setup  ## rebuild the default dictionaries from scratch (hours of CPU; resumable)
-	PYTHONPATH=service:dictionaries nice -n 10 $(PY) -m featuresteer_dicts all
+	nice -n 10 $(PY) -m featuresteer_dicts all
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

@@ -10,7 +10,7 @@ its own process so that peak RSS is that run's alone; the two implementations al
 a shared machine hits both alike. LOGIT_RANKING's time is measured in our worker.
 
 Usage:
-    PYTHONPATH=service .venv/bin/python benchmarks/bench_attribution.py \
+    .venv/bin/python benchmarks/bench_attribution.py \
         [--sizes 16,32,64] [--repeats 1] [--threads 1] [--transcoders shipped|random]
         [--json out.json]
 
@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "service"))
 
 DENSITY = 0.01  # random transcoders fire on ~1% of tokens: ~23 active features/token/layer
 D_SAE = 2304
@@ -42,11 +40,11 @@ SEED = 0
 
 
 def load_transcoders(kind: str, n_layers: int, d_model: int) -> list[Any]:
+    from featuresteer_dicts.artifacts import catalog_transcoders
     from featuresteer_server.attribution.testing import random_transcoders
-    from tests.reference.parity import shipped_transcoders
 
     if kind == "shipped":
-        return shipped_transcoders(n_layers)
+        return catalog_transcoders(n_layers)
     return random_transcoders(n_layers, d_model, D_SAE, density=DENSITY, seed=SEED)
 
 
@@ -116,7 +114,7 @@ def main() -> None:
 
     from featuresteer_server.attribution import export_transcoder_set
     from featuresteer_server.models import prepare_default_model
-    from tests.reference.parity import ct_model_dir, ensure_env, prompt_tokens
+    from featuresteer_server.testing import ct_model_dir, ensure_reference_env, prompt_tokens
 
     src = prepare_default_model()
     tok = AutoTokenizer.from_pretrained(src)
@@ -125,7 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fs-bench-") as tmp:
         ct_python = ct_cfg = ct_dir = None
         if not args.skip_reference:
-            ct_python = ensure_env()
+            ct_python = ensure_reference_env()
             ct_dir = ct_model_dir(src)
             d_model = 576
             tcs = load_transcoders(args.transcoders, 30, d_model)

@@ -171,7 +171,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-catalog-"))
     if args.tiny:
-        from tests.support import tiny_engine
+        from featuresteer_server.testing import tiny_engine
 
         engine = tiny_engine(tmp)
         model = "tiny random Llama (d_model 64), TopK SAE 128 features"
@@ -183,7 +183,7 @@ def main() -> None:
         d0 = next(iter(engine.dictionaries.values()))
         model = f"{engine.model_name}, {d0.id} ({d0.d_sae} features)"
     if args.synthetic_metadata:
-        from tests.feature_metadata import write_features_npz
+        from featuresteer_server.testing import write_features_npz
 
         d0 = next(iter(engine.dictionaries.values()))
         target = Path(d0.source) / "features.npz"

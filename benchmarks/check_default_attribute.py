@@ -14,7 +14,7 @@ files: reflection) for "The capital of France is" at the server's defaults, and 
   from the catalog, ERROR and EMBEDDING nodes present, scores in [0, 1].
 
 Usage:
-    PYTHONPATH=service:. .venv/bin/python benchmarks/check_default_attribute.py \
+    .venv/bin/python benchmarks/check_default_attribute.py \
         [--generation-engine hooked] [--threads 2] [--json out.json]
 
 Exit status 0 only when every check passes.
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "dictionaries"))
 PROMPT = "The capital of France is"
 
 
@@ -84,8 +83,8 @@ def verify(graph: dict[str, Any], threads: int) -> dict[str, Any]:
     import numpy as np
 
     from featuresteer_dicts.activations import mlp_pairs
+    from featuresteer_dicts.artifacts import catalog_transcoders
     from featuresteer_server.models import load_hf, prepare_default_model
-    from tests.reference.parity import shipped_transcoders
 
     hf, tok = load_hf(prepare_default_model(), torch.float32)
     ids = [tok.bos_token_id or 1] + tok(PROMPT, add_special_tokens=False).input_ids
@@ -95,7 +94,7 @@ def verify(graph: dict[str, Any], threads: int) -> dict[str, Any]:
     with torch.no_grad():
         logits = hf(torch.tensor([ids])).logits[0, -1]
     probs = torch.softmax(logits.float(), -1)
-    tcs = {tc.id: tc for tc in shipped_transcoders(len(hf.model.layers))}
+    tcs = {tc.id: tc for tc in catalog_transcoders(len(hf.model.layers))}
     nodes = graph["nodes"]
     kinds = {n.get("kind", "KIND_UNSPECIFIED") for n in nodes}
     logit_err, act_err, unlabelled, n_feat = 0.0, 0.0, 0, 0

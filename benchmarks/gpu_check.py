@@ -2,8 +2,8 @@
 HF generation baselines on CUDA, with a randomly initialised model of SmolLM2-135M's config and
 random dictionaries of the default catalog's shapes. Writes a JSON + markdown results file.
 
-    python -m benchmarks.gpu_check --device cuda --out gpu_results   # on the GPU box
-    python -m benchmarks.gpu_check --device cpu --quick              # dry run here
+    PYTHONPATH=service python -m benchmarks.gpu_check --device cuda --out gpu_results  # GPU box
+    .venv/bin/python -m benchmarks.gpu_check --device cpu --quick   # dry run here (installed)
 
 Checks (each recorded pass/fail with its number):
     math      ``interventions.apply`` on [n, d] rows: ADD/SCALE/CLAMP/ABLATE/vector edits equal
@@ -13,7 +13,8 @@ Checks (each recorded pass/fail with its number):
               within 1e-5; ABLATE of an inactive feature / ADD 0 leave greedy tokens unchanged.
     baseline  tokens/s of (d) serial HF generate + steering hook and (e) batched HF generate
               with one shared hook, at 1 and 16 requests, float32 and bfloat16, ≥5 repeats.
-Needs torch and transformers; the service package is imported from the repository checkout.
+Needs torch and transformers; the service package is imported from the repository checkout
+(``PYTHONPATH=service``, as ``gpu_check.sh`` sets) where it is not installed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 try:  # errors.py maps exceptions to grpc codes; the GPU box may lack grpcio
     import grpc  # noqa: F401
 except ImportError:

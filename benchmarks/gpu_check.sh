@@ -13,5 +13,7 @@ import torch, transformers, safetensors
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
-timeout 480 "$PY" -m benchmarks.gpu_check --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
+# the service package from this checkout (the GPU box does not pip-install it)
+PYTHONPATH="service${PYTHONPATH:+:$PYTHONPATH}" timeout 480 "$PY" -m benchmarks.gpu_check \
+  --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
 exit "${PIPESTATUS[0]}"

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from featuresteer_dicts.coders import (
+from featuresteer_dicts.artifacts import (
     STATS,
     WEIGHTS,
-    Coder,
-    load_coder,
+    in_memory,
+    load,
     sae_cfg,
     sae_dir,
     tc_cfg,
@@ -62,7 +62,7 @@ def _rounded(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def export_saes(progress: Progress) -> None:
     """Write the SAELens directories of the trained SAEs (dataset mean from the cache)."""
     from featuresteer_dicts.activations import acts_dir
-    from featuresteer_dicts.coders import check_saelens
+    from featuresteer_dicts.artifacts import check_saelens
     from featuresteer_dicts.runs import final_path
 
     for layer in SAE_LAYERS:
@@ -95,32 +95,22 @@ def tc_post_pass(progress: Progress, n_windows: int | None = None) -> dict[str, 
     if path.is_file():
         return torch.load(path, weights_only=False)
     hf = load_hf_model(torch.get_num_threads())
-    coders: list[Coder] = []
+    tcs = []  # what export_transcoders will ship (float16-rounded weights)
     for layer in range(N_LAYERS):
-        w = _rounded(torch.load(final_path("tc", layer), weights_only=False)["weights"])
-        h_in, h_out = tc_hooks(layer)
-        coders.append(
-            Coder(
-                "jumprelu_transcoder",
-                h_in,
-                h_out,
-                w["W_enc"],
-                w["b_enc"],
-                w["W_dec"],
-                w["b_dec"],
-                torch.zeros(D_MODEL),
-                0,
-                w["threshold"],
-            )
+        state = torch.load(final_path("tc", layer), weights_only=False)
+        w = _rounded(state["weights"])
+        cfg = tc_cfg(
+            D_MODEL, w["W_enc"].shape[1], layer, int(state["train_tokens"]), int(state["cfg"]["k"])
         )
-    stats = [FeatureStats(c.d_sae, TC_TOP) for c in coders]
+        tcs.append(in_memory(cfg, w))
+    stats = [FeatureStats(c.d_sae, TC_TOP) for c in tcs]
     sums = torch.zeros(N_LAYERS, D_MODEL, dtype=torch.float64)
     n_tok = 0
     start = 0
     for nxt, acts in iter_mlp_pairs(hf, "train", 0, n_windows, 8):
         b = nxt - start
         ids = torch.arange(start, nxt)
-        for layer, c in enumerate(coders):
+        for layer, c in enumerate(tcs):
             y = acts[c.hook_name_out]
             sums[layer] += y.double().sum(0)
             a = c.encode(acts[c.hook_name])
@@ -135,7 +125,7 @@ def tc_post_pass(progress: Progress, n_windows: int | None = None) -> dict[str, 
 
 def export_transcoders(progress: Progress) -> None:
     """Write the SAELens directories of the trained transcoders."""
-    from featuresteer_dicts.coders import check_saelens
+    from featuresteer_dicts.artifacts import check_saelens
     from featuresteer_dicts.runs import final_path
 
     if all_written(TC_FAMILY):
@@ -181,17 +171,17 @@ def evaluate(progress: Progress, family: str) -> dict[str, dict[str, float]]:
         return metrics
     torch.manual_seed(SEED)
     model, _ = load_model()
-    coders = {k: load_coder(v) for k, v in todo.items()}
+    dicts = {k: load(v, k) for k, v in todo.items()}
     windows = eval_windows(EVAL_TOKENS)
-    hooks = sorted({h for c in coders.values() for h in (c.hook_name, c.hook_name_out)})
+    hooks = sorted({h for d in dicts.values() for h in (d.hook_name, d.hook_name_out)})
     batches = []
     for i, acts in enumerate(run_eval_hooks(model, windows, hooks)):
         batches.append({h: a.to(torch.float32) for h, a in acts.items()})
         progress(f"eval forward batch {i + 1}/{-(-windows.shape[0] // 16)}")
-    rec = reconstruction_metrics(coders, batches)
+    rec = reconstruction_metrics(dicts, batches)
     del batches
     progress("spliced CE")
-    ce = ce_delta(model, coders, windows[:CE_WINDOWS])
+    ce = ce_delta(model, dicts, windows[:CE_WINDOWS])
     for k in todo:
         metrics[k] = {
             **rec[k],
@@ -224,17 +214,18 @@ def sae_metadata(progress: Progress) -> None:
             continue
         if model is None:
             model, tok = load_model()
-        coder = load_coder(sae_dir(layer))
+        sae = load(sae_dir(layer))
         cache = np.load(acts_dir() / f"{sae_hook(layer)}.npy", mmap_mode="r")
-        stats = FeatureStats(coder.d_sae, SAE_TOP)
+        stats = FeatureStats(sae.d_sae, SAE_TOP)
         step = 40
         for w0 in range(0, n_win, step):
             rows = cache[w0 * (CTX - 1) : (w0 + step) * (CTX - 1)]
-            a = coder.encode(torch.from_numpy(np.asarray(rows, dtype=np.float32)))
+            with torch.no_grad():
+                a = sae.encode(torch.from_numpy(np.asarray(rows, dtype=np.float32)))
             stats.update(a.view(step, CTX - 1, -1), torch.arange(w0, w0 + step))
             if w0 % 400 == 0:
                 progress(f"SAE L{layer} metadata {w0}/{n_win} windows")
-        info = write_metadata(out, stats, train, coder.W_dec, model, tok)
+        info = write_metadata(out, stats, train, sae.W_dec, model, tok)
         progress(f"wrote {out}: {info}")
 
 
@@ -256,8 +247,8 @@ def tc_metadata(progress: Progress) -> None:
     train = np.asarray(load_split("train")[:TC_META_WINDOWS])
     for layer in todo:
         out = tc_dir(layer) / "features.npz"
-        coder = load_coder(tc_dir(layer))
-        info = write_metadata(out, post["stats"][layer], train, coder.W_dec, model, tok)
+        tc = load(tc_dir(layer))
+        info = write_metadata(out, post["stats"][layer], train, tc.W_dec, model, tok)
         progress(f"wrote {out}: {info}")
 
 

@@ -1,5 +1,5 @@
-"""The one command: ``python -m featuresteer_dicts <step>`` (run from the repository root with
-``PYTHONPATH=service:dictionaries``). Steps are resumable; ``all`` runs them in order."""
+"""The one command: ``python -m featuresteer_dicts <step>`` (the package is installed with the
+server: ``make setup``). Steps are resumable; ``all`` runs them in order."""
 
 from __future__ import annotations
 

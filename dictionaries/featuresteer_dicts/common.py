@@ -59,7 +59,8 @@ def train_dir() -> Path:
 
 
 def repo_dict_root() -> Path:
-    """``dictionaries/`` in the checkout (this package lives inside it); tests may redirect."""
+    """``dictionaries/`` in the checkout (this package lives inside it: ``make setup`` installs
+    it editable); ``FEATURESTEER_DICTS_ROOT`` redirects (tests, a non-editable install)."""
     override = os.environ.get("FEATURESTEER_DICTS_ROOT")
     return Path(override) if override else Path(__file__).resolve().parent.parent
 

@@ -7,10 +7,14 @@ features per token. Dead fraction is the share of features never active on the e
 The CE increase splices the reconstruction into the forward pass at every non-BOS position
 (transcoders replace ``hook_mlp_out`` with their output from ``ln2.hook_normalized``) and
 averages next-token loss over predictions made at positions 1..CTX-2.
+
+Every figure encodes and decodes with the server's dictionary runtime (``Dictionary``), so it
+measures exactly what is served.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from featuresteer_dicts.coders import Coder
+from featuresteer_server.dictionaries import Dictionary
 
 
 @dataclass
@@ -52,21 +56,29 @@ class Accumulator:
         }
 
 
+def dataset_mean(d: Dictionary) -> Tensor:
+    """[d_out] the FVU centre stored with the dictionary (0 when none is)."""
+    return d.dataset_mean if d.dataset_mean is not None else torch.zeros(d.d_out)
+
+
 def reconstruction_metrics(
-    coders: dict[str, Coder], batches: list[dict[str, Tensor]]
+    dicts: dict[str, Dictionary], batches: list[dict[str, Tensor]]
 ) -> dict[str, dict[str, float]]:
     """L0 / FVU / dead fraction from precomputed activations ({hook: [n, d]} per batch)."""
-    accs = {name: Accumulator(c.d_sae) for name, c in coders.items()}
-    for acts in batches:
-        for name, c in coders.items():
-            x = acts[c.hook_name].float()
-            y = acts[c.hook_name_out].float()
-            a = c.encode(x)
-            accs[name].add(a, y, c.decode(a), c.mean)
+    accs = {name: Accumulator(d.d_sae) for name, d in dicts.items()}
+    with torch.no_grad():
+        for acts in batches:
+            for name, d in dicts.items():
+                x = acts[d.hook_name].float()
+                y = acts[d.hook_name_out].float()
+                a = d.encode(x)
+                accs[name].add(a, y, d.reconstruct_from(a, x), dataset_mean(d))
     return {name: acc.result() for name, acc in accs.items()}
 
 
-def run_eval_hooks(model: Any, windows: np.ndarray, hooks: list[str], batch: int = 16):
+def run_eval_hooks(
+    model: Any, windows: np.ndarray, hooks: list[str], batch: int = 16
+) -> Iterator[dict[str, Tensor]]:
     """Yield {hook: [b*(CTX-1), d]} for eval windows (BOS dropped)."""
     from featuresteer_dicts.activations import run_hooks
 
@@ -82,30 +94,32 @@ def _token_loss(logits: Tensor, toks: Tensor) -> Tensor:
     return -logp.gather(-1, target[..., None]).squeeze(-1).mean()
 
 
-def ce_delta(model: Any, coders: dict[str, Coder], windows: np.ndarray) -> dict[str, float]:
+def ce_delta(model: Any, dicts: dict[str, Dictionary], windows: np.ndarray) -> dict[str, float]:
     """Spliced minus clean next-token loss per dictionary on ``windows``."""
     toks = torch.as_tensor(np.array(windows), dtype=torch.long)
     with torch.no_grad():
         clean = float(_token_loss(model(toks), toks))
         out: dict[str, float] = {}
-        for name, c in coders.items():
+        for name, d in dicts.items():
             stash: dict[str, Tensor] = {}
 
             def keep(act: Tensor, hook: Any, stash: dict[str, Tensor] = stash) -> Tensor:
                 stash["x"] = act
                 return act
 
-            def splice(act: Tensor, hook: Any, c: Coder = c, stash: dict[str, Tensor] = stash):
-                x = stash.get("x", act)
+            def splice(
+                act: Tensor, hook: Any, d: Dictionary = d, stash: dict[str, Tensor] = stash
+            ) -> Tensor:
+                x = stash.get("x", act)  # [b, T, d_in]
                 new = act.clone()
                 flat = x[:, 1:].reshape(-1, x.shape[-1])
-                rec = c.decode(c.encode(flat)).view(act.shape[0], -1, act.shape[-1])
+                rec = d.reconstruct(flat).view(act.shape[0], -1, act.shape[-1])
                 new[:, 1:] = rec.to(act.dtype)
                 return new
 
-            hooks = [(c.hook_name_out, splice)]
-            if c.hook_name != c.hook_name_out:
-                hooks.insert(0, (c.hook_name, keep))
+            hooks: list[tuple[str, Callable[..., Tensor]]] = [(d.hook_name_out, splice)]
+            if d.hook_name != d.hook_name_out:
+                hooks.insert(0, (d.hook_name, keep))
             logits = model.run_with_hooks(toks, fwd_hooks=hooks)
             out[name] = float(_token_loss(logits, toks)) - clean
     out["__clean__"] = clean

@@ -1,21 +1,9 @@
 """Feature metadata: density, max activation, top contexts, output tokens, an evidence label.
 
-File format (``features.npz``, one per dictionary, read with ``numpy.load``; no pickles):
-
-- ``density`` [F] float32: fraction of scanned tokens (BOS excluded) where the feature is > 0.
-- ``max_activation`` [F] float32, ``n_tokens_scanned`` [] int64.
-- ``top_tokens`` [F, N, W] uint16 token ids, ``top_acts`` [F, N, W] float16 per-token
-  activations of that feature, ``top_len`` [F, N] uint8 valid tokens (0 = no example),
-  ``top_max`` [F, N] float32 (the example's max activation, sorted descending),
-  ``top_window`` [F, N] int32 index of the window in the corpus ``train`` split,
-  ``top_start`` [F, N] int16 position in that window of the slice's first token,
-  ``top_argmax`` [F, N] int16 position in the window of the max-activating token.
-  Activations were computed with the whole window as context (BOS + up to 127 tokens), so
-  replay needs the window prefix: ``train[top_window][: top_argmax + 1]``.
-- ``logit_top_ids``/``logit_bottom_ids`` [F, 10] int32 and ``..._vals`` [F, 10] float32:
-  the decoder row times ``ln_final.w`` through ``W_U`` (direct effect on the logits).
-- ``labels`` [F] unicode: most common max-activating tokens + top promoted tokens; no
-  semantics are invented.
+The file, ``features.npz`` (one per dictionary), has its format, writer and reader in the
+server's ``featuresteer_server.dictionaries.features_npz``; this module computes what goes in
+it: top examples are slices of WIDTH tokens with LEAD tokens before the max-activating one,
+and N_LOGITS promoted / suppressed tokens per feature.
 """
 
 from __future__ import annotations
@@ -27,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from featuresteer_server.dictionaries import features_npz
 
 WIDTH = 16  # tokens per stored context slice
 LEAD = 12  # tokens before the max-activating one
@@ -121,24 +111,23 @@ def write_metadata(
     ti, tv, bi, bv = output_tokens(w_dec.float(), ln_w, w_u)
     density = (stats.count.float() / max(stats.n_tokens, 1)).numpy()
     labels = [_label(tok, centre_tokens[i], ti[i].tolist(), float(density[i])) for i in range(f)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        out,
-        density=density.astype(np.float32),
-        max_activation=stats.max.numpy().astype(np.float32),
-        n_tokens_scanned=np.int64(stats.n_tokens),
-        top_tokens=top_tokens,
-        top_acts=top_acts,
-        top_len=top_len,
-        top_max=stats.best_val.clamp_min(0).t().contiguous().numpy().astype(np.float32),
-        top_window=np.where(has.t().numpy(), wins.T, -1).astype(np.int32),
-        top_start=np.where(has.t().numpy(), start.t().numpy(), -1).astype(np.int16),
-        top_argmax=np.where(has.t().numpy(), pos.T + 1, -1).astype(np.int16),
-        logit_top_ids=ti.numpy().astype(np.int32),
-        logit_top_vals=tv.numpy().astype(np.float32),
-        logit_bottom_ids=bi.numpy().astype(np.int32),
-        logit_bottom_vals=bv.numpy().astype(np.float32),
-        labels=np.array(labels),
-    )
+    arrays = {
+        "density": density,
+        "max_activation": stats.max.numpy(),
+        "n_tokens_scanned": np.int64(stats.n_tokens),
+        "top_tokens": top_tokens,
+        "top_acts": top_acts,
+        "top_len": top_len,
+        "top_max": stats.best_val.clamp_min(0).t().contiguous().numpy(),
+        "top_window": np.where(has.t().numpy(), wins.T, -1),
+        "top_start": np.where(has.t().numpy(), start.t().numpy(), -1),
+        "top_argmax": np.where(has.t().numpy(), pos.T + 1, -1),
+        "logit_top_ids": ti.numpy(),
+        "logit_top_vals": tv.numpy(),
+        "logit_bottom_ids": bi.numpy(),
+        "logit_bottom_vals": bv.numpy(),
+        "labels": np.array(labels),
+    }
+    features_npz.write(out, arrays)
     full = int((top_len > 0).sum(1).__ge__(n).sum())
     return {"features_with_full_examples": full / f, "bytes": out.stat().st_size}

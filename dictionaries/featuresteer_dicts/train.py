@@ -8,6 +8,10 @@ smallest kept activation), which both SAELens and circuit-tracer load.
 Training works in normalised units (inputs/targets scaled so E||x||^2 = d); ``export`` folds
 the scales back so the shipped weights act on raw activations. Dead features get the AuxK
 loss (Gao et al. 2024): the top ``k_aux`` dead latents reconstruct the residual error.
+
+TopK selection (per-token TopK and the AuxK choice) is the runtime's ``topk_activation`` /
+``topk_select`` (``featuresteer_server.dictionaries.topk``), the rule the shipped TopK SAEs
+are served with; only BatchTopK's batch-wide choice is this trainer's own.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from featuresteer_server.dictionaries.topk import topk_activation, topk_select
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,12 @@ class CoderConfig:
 
 class SparseCoder(nn.Module):
     """x [n, d_in] -> a [n, d_sae] -> y_hat [n, d_out], decoder rows kept at unit norm."""
+
+    scale_in: Tensor  # [] input scale (normalised units = raw * scale_in)
+    scale_out: Tensor  # [] target scale
+    threshold: Tensor  # [] BatchTopK's running threshold (the exported JumpReLU threshold)
+    since_fired: Tensor  # [d_sae] tokens since each latent last fired
+    initialised: Tensor  # [] bool
 
     def __init__(self, cfg: CoderConfig, generator: torch.Generator) -> None:
         super().__init__()
@@ -96,8 +108,7 @@ class SparseCoder(nn.Module):
         if self.cfg.batch_topk:
             rows, cols, vals = self.select(pre)
             return torch.zeros_like(pre).index_put((rows, cols), vals)
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, idx, vals)
+        return topk_activation(pre, k)
 
     @torch.no_grad()
     def init_from(self, x: Tensor, y: Tensor) -> None:
@@ -124,9 +135,7 @@ class SparseCoder(nn.Module):
         n_dead = int(dead.sum())
         if n_dead:
             k_aux = min(self.cfg.k_aux, n_dead)
-            dead_pre = pre.masked_fill(~dead, 0.0)
-            vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
-            aux_acts = torch.zeros_like(pre).scatter_(-1, idx, vals)
+            aux_acts = topk_activation(pre.masked_fill(~dead, 0.0), k_aux)
             e_hat = aux_acts @ self.W_dec
             aux = (err.detach() - e_hat).pow(2).sum(-1).mean() / total_var.clamp_min(1e-6)
             aux_val = float(aux.detach())
@@ -191,7 +200,7 @@ class SparseCoder(nn.Module):
         n_dead, aux_val = int(dead.sum()), 0.0
         if n_dead:
             k_aux = min(self.cfg.k_aux, n_dead)
-            a_vals, a_idx = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+            a_vals, a_idx = topk_select(pre.masked_fill(~dead, 0.0), k_aux)
             a_idx, order = a_idx.sort(dim=-1)
             a_vals = a_vals.gather(-1, order)
             a_rows = torch.arange(n).repeat_interleave(k_aux)

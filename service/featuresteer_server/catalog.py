@@ -7,7 +7,7 @@ text-search scoring. Imports no torch: weight-derived numbers come from the engi
 (``Engine.feature_logits`` / ``Engine.token_promoters``). Caching is the caller's business
 (the servicer caches serialised responses through ``cache.py``).
 
-Metadata files (``features.npz``, format in ``dictionaries/featuresteer_dicts/metadata.py``)
+Metadata files (``features.npz``; format, writer and reader in ``dictionaries.features_npz``)
 are found through the catalog entry's ``metadata`` field, else as ``features.npz`` beside the
 dictionary's weights. A missing or mismatched file (feature count differs from ``d_sae``) is
 logged and the dictionary is served weights-only.
@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featuresteer_server import domain
+from featuresteer_server.dictionaries import features_npz
 from featuresteer_server.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -58,21 +59,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METADATA_FILENAME = "features.npz"
+METADATA_FILENAME = features_npz.FILENAME
 _WORD = re.compile(r"\w+")
-# arrays GetFeature/SearchFeatures read; the file may hold more (top_window, ...)
-_NEEDED = (
-    "density",
-    "max_activation",
-    "top_tokens",
-    "top_acts",
-    "top_len",
-    "logit_top_ids",
-    "logit_top_vals",
-    "logit_bottom_ids",
-    "logit_bottom_vals",
-    "labels",
-)
 
 
 class FeatureMetadata:
@@ -96,17 +84,7 @@ class FeatureMetadata:
         return self._arrays
 
     def _read(self) -> dict[str, np.ndarray]:
-        with np.load(self.path, allow_pickle=False) as npz:
-            missing = [k for k in _NEEDED if k not in npz.files]
-            if missing:
-                raise ValueError(f"{self.path}: missing arrays {missing}")
-            out = {k: npz[k] for k in _NEEDED}
-        n = out["density"].shape[0]
-        if n != self.d_sae:
-            raise ValueError(f"{self.path}: {n} features, the dictionary has {self.d_sae}")
-        for k in _NEEDED:
-            if out[k].shape[0] != n:
-                raise ValueError(f"{self.path}: {k} has {out[k].shape[0]} rows, expected {n}")
+        out = features_npz.read(self.path, self.d_sae)
         # search-ready views, built once: lower-cased labels and an inverted index of the
         # context tokens (flat [F, N, W] positions sorted by token id, padding left out)
         out["labels_lower"] = np.array([str(x).lower() for x in out["labels"]], dtype=object)

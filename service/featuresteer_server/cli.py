@@ -64,7 +64,7 @@ def run(
         from featuresteer_server.engines.loading import needs_quickfit
 
         if needs_quickfit(cfg):
-            from featuresteer_server.quickfit import ensure_quickfit
+            from featuresteer_dicts.quickfit import ensure_quickfit
 
             with console.status("fitting the stand-in SAE") as status:
                 qf = ensure_quickfit(lambda msg: status.update(msg))

@@ -8,15 +8,11 @@ Needs the default model and the corpus packages (the corpus step apt-installs th
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "dictionaries"))
-
-from featuresteer_dicts.common import repo_dict_root  # noqa: E402
+from featuresteer_dicts.common import repo_dict_root
 
 pytestmark = pytest.mark.e2e
 
@@ -59,13 +55,13 @@ def test_heldout_split_is_the_catalogued_one(model) -> None:
 def test_catalog_figures_match_shipped_weights(model) -> None:
     import torch
 
-    from featuresteer_dicts.coders import load_coder
+    from featuresteer_dicts.artifacts import load
     from featuresteer_dicts.common import EVAL_TOKENS
     from featuresteer_dicts.corpus import eval_windows
     from featuresteer_dicts.evaluate import reconstruction_metrics, run_eval_hooks
 
     entries = _entries()
-    coders = {e["id"]: load_coder(DICTS / e["path"]) for e in entries}
+    coders = {e["id"]: load(DICTS / e["path"], e["id"]) for e in entries}
     windows = eval_windows(EVAL_TOKENS)
     hooks = sorted({h for c in coders.values() for h in (c.hook_name, c.hook_name_out)})
     with torch.no_grad():
@@ -83,7 +79,7 @@ def test_catalog_figures_match_shipped_weights(model) -> None:
 def test_saelens_loads_and_encodes_like_us() -> None:
     import torch
 
-    from featuresteer_dicts.coders import check_saelens
+    from featuresteer_dicts.artifacts import check_saelens
 
     gen = torch.Generator().manual_seed(0)
     for e in _entries():
@@ -97,7 +93,7 @@ def test_stored_top_examples_replay(model) -> None:
     import torch
 
     from featuresteer_dicts.activations import run_hooks
-    from featuresteer_dicts.coders import load_coder
+    from featuresteer_dicts.artifacts import load
     from featuresteer_dicts.corpus import load_split
 
     train = load_split("train")
@@ -105,7 +101,7 @@ def test_stored_top_examples_replay(model) -> None:
         if not e["metadata"]:
             continue
         meta = np.load(DICTS / e["metadata"])
-        coder = load_coder(DICTS / e["path"])
+        coder = load(DICTS / e["path"], e["id"])
         live = np.nonzero(meta["top_len"][:, 0])[0][:3]
         for f in live:
             w, p = int(meta["top_window"][f, 0]), int(meta["top_argmax"][f, 0])

@@ -100,7 +100,7 @@ async def test_default_server_over_grpcurl(tmp_path: Path) -> None:
 def test_quickfit_stand_in_is_labelled_and_its_figures_hold() -> None:
     """The stand-in SAE `make setup` fits when the catalog has no default dictionary: its id
     and description say so, and its recorded held-out FVU is recomputed from the files."""
-    from featuresteer_server import quickfit
+    from featuresteer_dicts import quickfit
 
     path = quickfit.ensure_quickfit()
     hf, tok = models.load_hf(models.prepare_default_model(), torch.float32)

@@ -13,7 +13,7 @@ on the same tokens, transcoders, thresholds and batch size, and compare:
 - the pruned node sets and the scores (reported).
 
 Usage:
-    PYTHONPATH=service .venv/bin/python tests/reference/parity.py --n-tokens 8 \
+    .venv/bin/python tests/reference/parity.py --n-tokens 8 \
         --max-feature-nodes 200 [--json out.json]
 Exit status 0 when the parity criteria hold.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,62 +32,9 @@ from typing import Any
 
 import torch
 
+from featuresteer_server.testing import ct_model_dir, ensure_reference_env, prompt_tokens
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-PROMPT = "The capital of France is Paris, and the capital of Germany is Berlin. The"
-
-
-def cache_root() -> Path:
-    from featuresteer_server.models import cache_dir
-
-    return cache_dir()
-
-
-def ensure_env() -> Path:
-    """The reference venv's python (built on first use: about 1.5 min with wheels cached)."""
-    venv = Path(os.environ.get("FEATURESTEER_CT_VENV", cache_root() / "ct-venv"))
-    subprocess.run(["bash", str(HERE / "build_env.sh"), str(venv)], check=True)
-    return venv / "bin" / "python"
-
-
-def ct_model_dir(src: Path) -> Path:
-    """A copy of ``src`` that transformers 4.57 loads (weights are symlinked).
-
-    transformers 5 writes ``rope_parameters`` (4.57 wants ``rope_theta``; without it the
-    rotary base silently falls back to 10000) and a ``TokenizersBackend`` tokenizer class
-    that 4.57 does not know.
-    """
-    dst = cache_root() / "models" / (src.name + "-tf4")
-    stamp = dst / ".featuresteer-tf4"
-    if stamp.exists():
-        return dst
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    cfg = json.loads((src / "config.json").read_text())
-    rope = cfg.get("rope_parameters") or {}
-    if "rope_theta" not in cfg:
-        if "rope_theta" not in rope:
-            raise SystemExit(f"{src}/config.json has no rope theta")
-        cfg["rope_theta"] = rope["rope_theta"]
-    if rope.get("rope_type", "default") == "default":
-        cfg.pop("rope_parameters", None)
-    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
-    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    for key in ("backend", "is_local", "local_files_only"):
-        tok_cfg.pop(key, None)
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-    for name in ("tokenizer.json", "generation_config.json", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, tmp / name)
-    for weights in src.glob("*.safetensors"):
-        (tmp / weights.name).symlink_to(weights.resolve())
-    (tmp / ".featuresteer-tf4").touch()
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    return dst
 
 
 def load_model() -> tuple[Any, Any, Path]:
@@ -97,14 +43,6 @@ def load_model() -> tuple[Any, Any, Path]:
     src = prepare_default_model()
     hf, tok = load_hf(src, torch.float32)
     return build_hooked(hf, tok, torch.float32), tok, src
-
-
-def prompt_tokens(tok: Any, n_tokens: int) -> list[int]:
-    ids = [tok.bos_token_id if tok.bos_token_id is not None else 1]
-    ids += tok(PROMPT * 4, add_special_tokens=False).input_ids
-    if len(ids) < n_tokens:
-        raise SystemExit(f"prompt has only {len(ids)} tokens")
-    return ids[:n_tokens]
 
 
 def run_reference(
@@ -246,25 +184,6 @@ def compare_json(ours: Any, ref_json: dict[str, Any], tok: Any) -> dict[str, Any
     }
 
 
-def shipped_transcoders(n_layers: int) -> list[Any]:
-    """The catalog's trained per-layer transcoders (``dictionaries/catalog.json``), by layer.
-
-    Raises:
-        FileNotFoundError: the catalog lacks a transcoder for some layer.
-    """
-    from featuresteer_server.dictionaries import load_catalog
-    from featuresteer_server.dictionaries.loading import load_catalog_entry
-
-    by_layer: dict[int, Any] = {}
-    for entry in load_catalog(ROOT / "dictionaries" / "catalog.json"):
-        if entry.hook_name_out and entry.hook_name_out != entry.hook_name:
-            by_layer[int(entry.hook_name_out.split(".")[1])] = load_catalog_entry(entry)
-    missing = [layer for layer in range(n_layers) if layer not in by_layer]
-    if missing:
-        raise FileNotFoundError(f"no shipped transcoder for layers {missing}")
-    return [by_layer[layer] for layer in range(n_layers)]
-
-
 def run_parity(
     n_tokens: int = 8,
     max_feature_nodes: int = 200,
@@ -277,16 +196,17 @@ def run_parity(
 ) -> dict[str, Any]:
     """``shipped``: the catalog's trained JumpReLU transcoders instead of random ones."""
     torch.set_num_threads(1)
+    from featuresteer_dicts.artifacts import catalog_transcoders
     from featuresteer_server.attribution import attribute, export_transcoder_set
     from featuresteer_server.attribution.testing import random_transcoders
 
     t0 = time.perf_counter()
-    python = ensure_env()
+    python = ensure_reference_env()
     env_s = time.perf_counter() - t0
     model, tok, src = load_model()
     tokens = prompt_tokens(tok, n_tokens)
     if shipped:
-        tcs = shipped_transcoders(model.cfg.n_layers)
+        tcs = catalog_transcoders(model.cfg.n_layers)
     else:
         tcs = random_transcoders(
             model.cfg.n_layers, model.cfg.d_model, 2304, density=density, skip=skip, seed=seed

@@ -1,20 +1,18 @@
 """Unit tests of the on-disk formats: SAELens loads what we write and encodes like us; the
-circuit-tracer export has its layout; artifacts are never overwritten."""
+circuit-tracer export has its layout; artifacts are never overwritten; features.npz has one
+writer and one reader."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "dictionaries"))
-
-from featuresteer_dicts.coders import (  # noqa: E402
+from featuresteer_dicts.artifacts import (
     check_saelens,
-    load_coder,
+    load,
     sae_cfg,
     tc_cfg,
     write_artifact,
@@ -43,7 +41,7 @@ def test_topk_sae_roundtrip_through_saelens(tmp_path: Path) -> None:
     assert cfg["architecture"] == "topk" and cfg["k"] == 4
     assert cfg["metadata"]["hook_name"] == "blocks.6.hook_resid_post"
     assert check_saelens(out, torch.randn(16, 8)) < 1e-4
-    coder = load_coder(out)
+    coder = load(out)
     assert coder.W_enc.dtype == torch.float32 and coder.W_enc.shape == (8, 32)
 
 
@@ -55,7 +53,7 @@ def test_jumprelu_transcoder_roundtrip_through_saelens(tmp_path: Path) -> None:
     assert cfg["metadata"]["hook_name"] == "blocks.3.ln2.hook_normalized"
     assert cfg["metadata"]["hook_name_out"] == "blocks.3.hook_mlp_out"
     assert check_saelens(out, torch.randn(16, 8) * 3) < 1e-4
-    assert torch.equal(load_coder(out).mean, torch.ones(8))
+    assert torch.equal(load(out).dataset_mean, torch.ones(8))
 
 
 def test_artifacts_are_immutable(tmp_path: Path) -> None:

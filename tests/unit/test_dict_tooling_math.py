@@ -1,21 +1,20 @@
-"""Unit tests of the dictionaries tooling's math on tiny random data (no model, no corpus)."""
+"""Unit tests of the dictionaries tooling's math on tiny random data (no model, no corpus).
+
+The tooling encodes with the server's dictionary runtime: ``_coder`` builds the runtime
+``Dictionary`` the tooling would ship for the given weights (``artifacts.in_memory``)."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "dictionaries"))
-
-from featuresteer_dicts.coders import Coder  # noqa: E402
-from featuresteer_dicts.corpus import _windows, is_heldout  # noqa: E402
-from featuresteer_dicts.evaluate import Accumulator  # noqa: E402
-from featuresteer_dicts.metadata import LEAD, WIDTH, FeatureStats, output_tokens  # noqa: E402
-from featuresteer_dicts.train import CoderConfig, CoderTrainer  # noqa: E402
+from featuresteer_dicts.artifacts import in_memory, sae_cfg, tc_cfg
+from featuresteer_dicts.corpus import _windows, is_heldout
+from featuresteer_dicts.evaluate import Accumulator
+from featuresteer_dicts.metadata import LEAD, WIDTH, FeatureStats, output_tokens
+from featuresteer_dicts.train import CoderConfig, CoderTrainer
+from featuresteer_server.dictionaries import Dictionary
 
 pytestmark = pytest.mark.unit
 
@@ -49,21 +48,26 @@ def test_fvu_aggregates_over_batches() -> None:
     assert two.result()["fvu"] == pytest.approx(expected)
 
 
-def _coder(arch: str, k: int = 2) -> Coder:
+def _shipped(arch: str, w: dict[str, torch.Tensor], k: int) -> Dictionary:
+    """The runtime dictionary the tooling ships for weights ``w`` (d_in = d_out)."""
+    d, f = w["W_enc"].shape
+    cfg = sae_cfg(d, f, k, 6, 0) if arch == "topk" else tc_cfg(d, f, 3, 0, k)
+    if arch == "topk":
+        w = {name: t for name, t in w.items() if name != "threshold"}
+    return in_memory(cfg, w, torch.zeros(d))
+
+
+def _coder(arch: str, k: int = 2) -> Dictionary:
     gen = torch.Generator().manual_seed(1)
     d, f = 4, 6
-    return Coder(
-        architecture=arch,
-        hook_name="h",
-        hook_name_out="h",
-        W_enc=torch.randn(d, f, generator=gen),
-        b_enc=torch.randn(f, generator=gen) * 0.1,
-        W_dec=torch.randn(f, d, generator=gen),
-        b_dec=torch.randn(d, generator=gen) * 0.1,
-        mean=torch.zeros(d),
-        k=k,
-        threshold=torch.full((f,), 0.5),
-    )
+    w = {
+        "W_enc": torch.randn(d, f, generator=gen),
+        "b_enc": torch.randn(f, generator=gen) * 0.1,
+        "W_dec": torch.randn(f, d, generator=gen),
+        "b_dec": torch.randn(d, generator=gen) * 0.1,
+        "threshold": torch.full((f,), 0.5),
+    }
+    return _shipped(arch, w, k)
 
 
 def test_topk_encode_keeps_at_most_k() -> None:
@@ -95,18 +99,7 @@ def test_export_folds_normalisation(batch_topk: bool) -> None:
     for _ in range(5):
         tr.train_step(x, y)
     w = tr.coder.export()
-    coder = Coder(
-        "jumprelu_transcoder" if batch_topk else "topk",
-        "a",
-        "b",
-        w["W_enc"],
-        w["b_enc"],
-        w["W_dec"],
-        w["b_dec"],
-        torch.zeros(8),
-        k=3,
-        threshold=w.get("threshold"),
-    )
+    coder = _shipped("jumprelu_transcoder" if batch_topk else "topk", w, k=3)
     with torch.no_grad():
         pre = tr.coder.pre_acts(x * tr.coder.scale_in)
         acts = pre * (pre > tr.coder.threshold) if batch_topk else tr.coder.sparsify(pre)

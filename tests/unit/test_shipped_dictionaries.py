@@ -4,12 +4,8 @@ the e2e tier recomputes the figures from the weights)."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "dictionaries"))
 
 pytestmark = pytest.mark.unit
 
@@ -18,7 +14,7 @@ def test_shipped_catalog_meets_the_training_contract() -> None:
     """Every catalogued dictionary: files present, id/path/cfg agree on the version, trained on
     about 1M tokens; the residual SAEs meet their quality targets (FVU <= 0.25 at L0 <= 64,
     dead <= 10%). The figures themselves are recomputed from the files by the e2e tier."""
-    from featuresteer_dicts.coders import STATS, WEIGHTS
+    from featuresteer_dicts.artifacts import STATS, WEIGHTS
     from featuresteer_dicts.common import FAMILY_VERSION, SAE_FAMILY, dict_id, repo_dict_root
 
     root = repo_dict_root()

@@ -3,8 +3,10 @@
 Owns: ``base`` (the ``Dictionary`` API every engine and the intervention math code against),
 one module per SAELens architecture (``standard``, ``topk``, ``jumprelu``, ``transcoder``,
 ``skip_transcoder``, ``jumprelu_transcoder``, ``jumprelu_skip_transcoder``), ``registry``
-(architecture -> class; id -> loaded dictionary), ``loading`` (files, checks against the
-model, fingerprint, catalog), ``info`` and ``errors`` (torch-free).
+(architecture -> class; id -> loaded dictionary), ``cfg`` (cfg.json parsing and checks
+against the model), ``files`` (the SAELens directory: read, write, fingerprint),
+``catalog_file`` (catalog.json), ``features_npz`` (the feature metadata file), ``info`` and
+``errors`` (torch-free, as is ``features_npz``).
 
 Names are resolved lazily so importing ``DictionaryInfo`` or the errors does not import torch.
 Must not: import gRPC or protobuf.
@@ -25,13 +27,15 @@ _EXPORTS = {
     "FeatureEditRefused": "errors",
     "ARCHITECTURES": "registry",
     "DictionaryRegistry": "registry",
-    "CatalogEntry": "loading",
-    "fingerprint": "loading",
-    "load_catalog": "loading",
-    "load_catalog_dictionaries": "loading",
-    "load_catalog_entry": "loading",
-    "load_dictionary": "loading",
-    "write_dictionary": "loading",
+    "CatalogEntry": "catalog_file",
+    "dictionary_from_tensors": "files",
+    "fingerprint": "files",
+    "load_catalog": "catalog_file",
+    "load_catalog_dictionaries": "catalog_file",
+    "load_catalog_entry": "catalog_file",
+    "load_dictionary": "files",
+    "parse_config": "cfg",
+    "write_dictionary": "files",
 }
 
 __all__ = [
@@ -45,32 +49,33 @@ __all__ = [
     "DictionaryRegistry",
     "FeatureEditRefused",
     "FingerprintMismatch",
+    "dictionary_from_tensors",
     "fingerprint",
     "load_catalog",
     "load_catalog_dictionaries",
     "load_catalog_entry",
     "load_dictionary",
+    "parse_config",
     "write_dictionary",
 ]
 
 if TYPE_CHECKING:
     from .base import Dictionary, DictionaryConfig
+    from .catalog_file import (
+        CatalogEntry,
+        load_catalog,
+        load_catalog_dictionaries,
+        load_catalog_entry,
+    )
+    from .cfg import parse_config
     from .errors import (
         DictionaryLoadError,
         DictionaryNotFound,
         FeatureEditRefused,
         FingerprintMismatch,
     )
+    from .files import dictionary_from_tensors, fingerprint, load_dictionary, write_dictionary
     from .info import DictionaryInfo
-    from .loading import (
-        CatalogEntry,
-        fingerprint,
-        load_catalog,
-        load_catalog_dictionaries,
-        load_catalog_entry,
-        load_dictionary,
-        write_dictionary,
-    )
     from .registry import ARCHITECTURES, DictionaryRegistry
 
 

@@ -23,7 +23,7 @@ Normalisation (SAELens ``normalize_activations``):
                               feature's contribution then depends on the token (DESIGN.md:
                               such dictionaries refuse feature edits).
 
-Must not: read files (``loading.py`` does), know about hooks of a live model, or import gRPC.
+Must not: read files (``files.py`` does), know about hooks of a live model, or import gRPC.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ _LAYER_NORM_EPS = 1e-5  # SAELens's run_time_activation_ln_in default
 
 @dataclass(frozen=True)
 class DictionaryConfig:
-    """What the runtime needs from a ``cfg.json``, parsed and checked by ``loading.py``.
+    """What the runtime needs from a ``cfg.json``, parsed and checked by ``cfg.py``.
 
     Attributes:
         architecture: SAELens architecture string (the registry key).
@@ -108,14 +108,14 @@ class Dictionary(nn.Module):
         description: str = "",
         dataset_mean: Tensor | None = None,
     ) -> None:
-        """Build from already-validated float tensors (``loading.load_dictionary`` checks them).
+        """Build from already-validated float tensors (``files.load_dictionary`` checks them).
 
         Args:
             cfg: the parsed config.
             weights: name -> tensor with SAELens names and orientation; converted to float32.
             dictionary_id: the versioned id (``<model>/<kind>-<d_sae>/<hook>@<version>``).
             version: the version part of the id.
-            fingerprint: content hash (``loading.fingerprint``).
+            fingerprint: content hash (``files.fingerprint``).
             source: where it was loaded from (a directory path).
             metrics: quality figures (l0, fvu, dead_fraction, ce_loss_delta, ...) if known.
             description: human text; a note is appended when FVU falls back to 0-centred.
@@ -227,7 +227,19 @@ class Dictionary(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         """decode(encode(x)) + skip term: [..., d_in] -> [..., d_out] float32."""
         x = x.to(torch.float32)
-        out = self.decode(self.encode(x), x=x)
+        return self.reconstruct_from(self.encode(x), x)
+
+    def reconstruct_from(self, acts: Tensor, x: Tensor) -> Tensor:
+        """What the dictionary writes for activations ``acts`` of input ``x``: decode + skip.
+
+        Args:
+            acts: [..., d_sae] ``encode(x)`` (or an edited copy).
+            x: [..., d_in] the input (per-token statistics, skip path).
+
+        Returns:
+            [..., d_out] float32.
+        """
+        out = self.decode(acts, x=x)
         if self.has_skip:
             out = out + self.skip(x)
         return out
@@ -296,12 +308,7 @@ class Dictionary(nn.Module):
             target = x_out.to(torch.float32)
         else:
             target = x
-        if acts is None:
-            recon = self.reconstruct(x)
-        else:
-            recon = self.decode(acts, x=x)
-            if self.has_skip:
-                recon = recon + self.skip(x)
+        recon = self.reconstruct(x) if acts is None else self.reconstruct_from(acts, x)
         err_sq = (target - recon).pow(2).sum(dim=-1)
         centred = target if self.dataset_mean is None else target - self.dataset_mean
         denom = centred.pow(2).sum(dim=-1)

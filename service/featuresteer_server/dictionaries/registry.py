@@ -4,7 +4,7 @@ Owns: ``ARCHITECTURES`` (keyed by SAELens's ``architecture`` string, so a cfg.js
 by SAELens or by our tooling picks its class the same way) and ``DictionaryRegistry``, the
 set of dictionaries a server holds, looked up by id with fingerprint pinning.
 
-Must not: read files (``loading.py``) or know about requests.
+Must not: read files (``files.py``) or know about requests.
 """
 
 from __future__ import annotations

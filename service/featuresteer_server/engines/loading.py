@@ -29,7 +29,7 @@ def set_threads(config: Config) -> None:
 
 def needs_quickfit(config: Config) -> bool:
     """True when the server would start with no dictionary, so the labelled stand-in SAE is
-    served instead (default model only; see quickfit.py)."""
+    served instead (default model only; see featuresteer_dicts/quickfit.py)."""
     from featuresteer_server.dictionaries import load_catalog
 
     if not config.quickfit_fallback or config.model != DEFAULT_MODEL or config.dictionaries:
@@ -58,7 +58,7 @@ def load_dictionaries(config: Config, hook_names: set[str], d_model: int) -> lis
     for path in config.dictionaries:
         out.append(load_dictionary(Path(path), expected_hooks=hook_names, d_model=d_model))
     if not out and needs_quickfit(config):
-        from featuresteer_server import quickfit
+        from featuresteer_dicts import quickfit
 
         log.warning("no default dictionary in the catalog: serving the QUICK-FIT stand-in SAE")
         quickfit.ensure_quickfit(lambda msg: log.info("%s", msg))

@@ -7,6 +7,11 @@ dictionary. Text: docstrings of a fixed list of standard-library modules (always
 machine, no download), split by a hash into train and held-out documents. BOS is kept out of
 training and of the figures (DESIGN.md).
 
+Part of the dictionaries tooling (like the trained dictionaries, it is fitted by the tooling
+and encoded with the runtime's TopK rule, ``topk_activation``, and its figures measured with
+the runtime ``Dictionary``); the server's set-up calls ``ensure_quickfit`` / ``load_quickfit``
+(``featuresteer_server.engines.loading``, ``featuresteer-server --prepare-only``).
+
 Must not: be mistaken for a trained dictionary — never put it in the catalog.
 """
 
@@ -25,7 +30,15 @@ from typing import Any
 
 import torch
 
+from featuresteer_dicts.evaluate import Accumulator
 from featuresteer_server import models
+from featuresteer_server.dictionaries import (
+    Dictionary,
+    dictionary_from_tensors,
+    load_dictionary,
+    write_dictionary,
+)
+from featuresteer_server.dictionaries.topk import topk_activation
 
 log = logging.getLogger(__name__)
 LAYER = 12
@@ -140,8 +153,7 @@ def fit(x: torch.Tensor, steps: int, seed: int = 0, batch: int = 512) -> dict[st
         idx = torch.randint(0, len(x), (batch,), generator=g)
         xb = x[idx]
         pre = (xb - b_dec) @ w_enc + b_enc
-        vals, top = pre.topk(K, dim=-1)
-        acts = torch.zeros_like(pre).scatter(-1, top, vals.relu())
+        acts = topk_activation(pre, K)
         loss = ((acts @ w_dec + b_dec - xb) ** 2).sum(-1).mean() / scale**2
         opt.zero_grad()
         loss.backward()
@@ -158,24 +170,28 @@ def fit(x: torch.Tensor, steps: int, seed: int = 0, batch: int = 512) -> dict[st
     }
 
 
+def as_dictionary(w: dict[str, torch.Tensor], mean: torch.Tensor) -> Dictionary:
+    """The fitted weights as the runtime serves them (before they are written)."""
+    cfg = {"architecture": "topk", "d_in": int(w["W_enc"].shape[0]), "d_sae": D_SAE, "k": K}
+    cfg["metadata"] = {"hook_name": HOOK, "model_name": models.DEFAULT_MODEL}
+    return dictionary_from_tensors(cfg, w, dataset_mean=mean, dictionary_id=DICT_ID)
+
+
 def evaluate(w: dict[str, torch.Tensor], x: torch.Tensor, mean: torch.Tensor) -> dict[str, float]:
-    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
-    vals, top = pre.topk(K, dim=-1)
-    acts = torch.zeros_like(pre).scatter(-1, top, vals.relu())
-    err = acts @ w["W_dec"] + w["b_dec"] - x
-    return {
-        "fvu": float(err.pow(2).sum() / (x - mean).pow(2).sum()),
-        "l0": float((acts > 0).float().sum(-1).mean()),
-        "dead_fraction": float(((acts > 0).sum(0) == 0).float().mean()),
-    }
+    """Held-out FVU (around ``mean``), L0 and dead fraction of the fitted weights on x."""
+    sae = as_dictionary(w, mean)
+    acc = Accumulator(D_SAE)
+    with torch.no_grad():
+        acts = sae.encode(x)
+        acc.add(acts, x, sae.reconstruct_from(acts, x), mean)
+    figures = acc.result()
+    return {k: figures[k] for k in ("fvu", "l0", "dead_fraction")}
 
 
 def ensure_quickfit(
     progress: Callable[[str], None] | None = None, train_tokens: int = 24_000, steps: int = 1500
 ) -> Path:
     """Fit (once) and return the quick-fit SAE directory."""
-    from featuresteer_server.dictionaries import write_dictionary
-
     out = quickfit_dir()
     if (out / "cfg.json").is_file():
         return out
@@ -229,9 +245,8 @@ def ensure_quickfit(
     return out
 
 
-def load_quickfit(expected_hooks: set[str], d_model: int) -> Any:
-    from featuresteer_server.dictionaries import load_dictionary
-
+def load_quickfit(expected_hooks: set[str], d_model: int) -> Dictionary:
+    """The fitted stand-in, checked against the model, labelled QUICK FIT."""
     path = quickfit_dir()
     info = json.loads((path / "quickfit.json").read_text())
     return load_dictionary(
