@@ -234,7 +234,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.tiny:
-        from tests.support import tiny_engine
+        from featuresteer_server.testing import tiny_engine
 
         engine = tiny_engine(Path(tempfile.mkdtemp(prefix="bench-limits-")))
         model = "tiny random Llama (SmolLM2 tokenizer)"
