@@ -12,16 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import secrets
 import threading
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
 
-from featuresteer_server import __version__, domain, generation, interventions, planning
+from featuresteer_server import domain, generation, interventions, planning
 from featuresteer_server.engines import hooked_attribution
 from featuresteer_server.engines.base import Engine
 from featuresteer_server.engines.hooked_attribution import AttributionSettings
@@ -112,6 +110,18 @@ class HookedEngine(Engine):
         self.edit_bounds = interventions.EditBounds(
             self._measure_hook_scales(), max_edit_norm_ratio
         )
+        # what Generate planning needs, shared with the vLLM engine (planning.PlanContext)
+        self.plan_context = planning.PlanContext(
+            dictionaries=self.dictionaries,
+            tokenizer=self.tokenizer,
+            steering_hooks=self.steering_hooks(),
+            d_model=int(model.cfg.d_model),
+            n_ctx=int(model.cfg.n_ctx),
+            max_tokens=self.max_tokens,
+            bounds=self.edit_bounds,
+            model_name=model_name,
+            weights_hash=weights_hash,
+        )
 
     # -- dictionaries
     def add_dictionary(self, d: Any) -> None:
@@ -154,16 +164,7 @@ class HookedEngine(Engine):
         )
 
     def provenance(self, dicts: Iterable[Any] = (), **extra: Any) -> domain.Provenance:
-        return domain.Provenance(
-            model_name=self.model_name,
-            model_weights_hash=self.weights_hash,
-            engine=self.name,
-            dtype=self.dtype,
-            dictionary_fingerprints={d.id: d.fingerprint for d in dicts},
-            server_version=__version__,
-            request_id=extra.pop("request_id", "") or uuid.uuid4().hex,
-            **extra,
-        )
+        return self.plan_context.provenance(self.name, self.dtype, dicts, **extra)
 
     # -- compute
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -409,45 +410,6 @@ class HookedEngine(Engine):
         hooks = interventions.steerable_hooks(int(self.model.cfg.n_layers))
         return tuple(h for h in hooks if h in have)
 
-    def _prompt_ids(self, req: domain.GenerateRequest) -> list[int]:
-        if req.messages:
-            ids = self.tokenizer.apply_chat_template(req.messages)
-            field = "messages"
-        else:
-            ids = self.tokenizer.encode(req.prompt or "", req.prepend_bos)
-            field = "prompt"
-        if not ids:
-            raise InvalidArgument(field, "no tokens (empty prompt and prepend_bos false)")
-        if len(ids) > self.max_tokens:
-            raise InvalidArgument(
-                field, f"{len(ids)} tokens > max_tokens_per_input {self.max_tokens}"
-            )
-        n_ctx = int(self.model.cfg.n_ctx)
-        if len(ids) + req.max_new_tokens > n_ctx:
-            raise InvalidArgument(
-                "max_new_tokens",
-                f"{len(ids)} prompt tokens + {req.max_new_tokens} > the model's context {n_ctx}",
-            )
-        return ids
-
-    def _trace_plan(self, spec: domain.TraceSpec | None) -> planning.TracePlan | None:
-        if spec is None or (not spec.dictionary_id and not spec.features):
-            return None
-        dict_id = spec.dictionary_id or spec.features[0].dictionary_id
-        d = self.dictionary(dict_id, "trace.dictionary_id")
-        for i, ref in enumerate(spec.features):
-            if ref.dictionary_id != d.id:
-                raise InvalidArgument(
-                    f"trace.features[{i}].dictionary_id",
-                    f"traced features must all be in the traced dictionary {d.id!r}",
-                )
-            self.feature(ref, f"trace.features[{i}]")
-        if spec.top_k == 0 and not spec.features:
-            raise InvalidArgument("trace.top_k", "set top_k or features to trace")
-        return planning.TracePlan(
-            dictionary=d, top_k=spec.top_k, features=tuple(f.index for f in spec.features)
-        )
-
     def prepare_generate(
         self, req: domain.GenerateRequest
     ) -> tuple[list[planning.RunPlan], domain.Provenance]:
@@ -459,39 +421,8 @@ class HookedEngine(Engine):
     def plan_generate(
         self, req: domain.GenerateRequest
     ) -> tuple[list[planning.RunPlan], domain.Provenance]:
-        """The run plans (steered, then the baseline when asked) and provenance of a request,
-        validated against this engine's dictionaries; the vLLM engine plans with it too."""
-        spec = interventions.compile_steering(
-            req.interventions,
-            self.dictionaries,
-            hook_names=self.steering_hooks(),
-            d_model=int(self.model.cfg.d_model),
-            bounds=self.edit_bounds,
-        )
-        trace = self._trace_plan(req.trace)
-        prompt = self._prompt_ids(req)
-        seed = req.seed if req.seed is not None else secrets.randbits(63)
-        common = dict(
-            prompt_ids=prompt,
-            max_new_tokens=req.max_new_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            repetition_penalty=req.repetition_penalty,
-            seed=seed,
-            stop=req.stop,
-            logprobs=req.logprobs,
-            trace=trace,
-        )
-        plans = [planning.RunPlan(spec=spec, **common)]  # type: ignore[arg-type]
-        if req.compare_baseline:
-            empty = interventions.SteeringSpec()
-            plans.append(planning.RunPlan(spec=empty, baseline=True, **common))  # type: ignore[arg-type]
-        used = {d_id: self.dictionaries[d_id] for d_id in spec.dictionaries}
-        if trace is not None:
-            used[trace.dictionary.id] = trace.dictionary
-        prov = self.provenance(used.values(), seed=seed, steering_spec_fingerprint=spec.fingerprint)
-        return plans, prov
+        """``planning.plan_generate`` on this engine's context (provenance: this engine)."""
+        return planning.plan_generate(req, self.plan_context, engine=self.name, dtype=self.dtype)
 
     def _generate_sync(
         self,

@@ -1,11 +1,13 @@
 """The vLLM engine: Generate on vLLM's ``AsyncLLM`` (continuous batching), with per-request
 interventions applied inside the worker (``worker.py``) to exactly that request's rows.
 
-Everything that is not Generate (info, tokenize, decode, attribute) is delegated to the
-hooked engine it is built around, which also owns request validation: prompt ids, limits,
+Generate is planned by ``planning.plan_generate`` on the planning context built at bootstrap
+(the served dictionaries, tokenizer, hooks, limits and edit bounds): prompt ids, limits,
 ``compile_steering`` (so a bad request fails with the right status before reaching vLLM),
 and provenance. The worker compiles the same interventions again against its own copy of
-the dictionaries and checks the fingerprint matches.
+the dictionaries and checks the fingerprint matches. Everything that is not Generate (info,
+tokenize, decode, attribute) is still delegated to the hooked engine (the architecture
+issue's router will compose the two engines side by side instead).
 
 Streaming reuses ``stream.TokenStream`` so both engines cut text deltas, byte offsets, stop
 strings and finish reasons identically.
@@ -149,10 +151,11 @@ class VllmEngine(Engine):
     name = "vllm"
 
     def __init__(self, hooked: Any, llm: Any, options: VllmOptions, worker_info: dict) -> None:
-        self.hooked = hooked  # HookedEngine: validation, planning, decode, attribute
+        self.hooked = hooked  # HookedEngine: decode, attribute, catalog (until the router)
+        self.context: planning.PlanContext = hooked.plan_context  # Generate planning
         self.llm = llm  # vllm AsyncLLM
         self.options = options
-        self.tokenizer = hooked.tokenizer
+        self.tokenizer = self.context.tokenizer
         self.dtype = str(worker_info.get("dtype", options.dtype))
         self.poller = WorkerPoller(llm)
 
@@ -185,7 +188,7 @@ class VllmEngine(Engine):
         )
         llm = AsyncLLM.from_engine_args(args)
         try:
-            infos = await llm.collective_rpc("fs_setup", args=(setup_config(hooked),))
+            infos = await llm.collective_rpc("fs_setup", args=(setup_config(hooked.plan_context),))
         except BaseException:
             llm.shutdown()
             raise
@@ -235,8 +238,7 @@ class VllmEngine(Engine):
     def _plan(
         self, req: domain.GenerateRequest
     ) -> tuple[list[planning.RunPlan], domain.Provenance, tuple[domain.Intervention, ...]]:
-        plans, prov = self.hooked.plan_generate(req)
-        prov = dataclasses.replace(prov, engine=self.name, dtype=self.dtype)
+        plans, prov = planning.plan_generate(req, self.context, engine=self.name, dtype=self.dtype)
         return plans, prov, req.interventions
 
     def sampling_params(
@@ -384,8 +386,9 @@ class VllmEngine(Engine):
         await self.hooked.shutdown()
 
 
-def setup_config(hooked: Any) -> dict[str, Any]:
-    """What the worker needs to rebuild the hooked engine's steering view."""
+def setup_config(ctx: planning.PlanContext) -> dict[str, Any]:
+    """What the worker needs to rebuild the planning context's steering view (the same
+    dictionaries from their files, hooks, widths and edit bounds)."""
     return {
         "dictionaries": [
             {
@@ -394,11 +397,11 @@ def setup_config(hooked: Any) -> dict[str, Any]:
                 "source": str(d.source),
                 "fingerprint": d.fingerprint,
             }
-            for d in hooked.dictionaries.values()
+            for d in ctx.dictionaries.values()
         ],
-        "special_ids": sorted(int(i) for i in hooked.tokenizer.special_ids),
-        "hook_names": list(hooked.steering_hooks()),
-        "d_model": int(hooked.model.cfg.d_model),
-        "hook_scales": dict(hooked.edit_bounds.hook_scales),
-        "max_edit_norm_ratio": float(hooked.edit_bounds.max_ratio),
+        "special_ids": sorted(int(i) for i in ctx.tokenizer.special_ids),
+        "hook_names": list(ctx.steering_hooks),
+        "d_model": ctx.d_model,
+        "hook_scales": dict(ctx.bounds.hook_scales),
+        "max_edit_norm_ratio": float(ctx.bounds.max_ratio),
     }
