@@ -13,7 +13,7 @@ import math
 from collections.abc import Sized
 
 from featuresteer.v1 import featuresteer_pb2 as pb
-from featuresteer_server import domain
+from featuresteer_server import domain, jobs
 from featuresteer_server.config import Limits
 from featuresteer_server.errors import InvalidArgument
 from featuresteer_server.tokenization import Token
@@ -117,6 +117,10 @@ def dictionary_info_to_pb(d: domain.DictionaryInfo) -> pb.DictionaryInfo:
         if value is not None:
             setattr(out, name, value)
     return out
+
+
+def dictionaries_to_pb(infos: tuple[domain.DictionaryInfo, ...]) -> pb.ListDictionariesResponse:
+    return pb.ListDictionariesResponse(dictionaries=[dictionary_info_to_pb(d) for d in infos])
 
 
 def limits_to_pb(limits: Limits) -> pb.Limits:
@@ -567,20 +571,26 @@ _JOB_STATES = {
 }
 
 
-def job_to_pb(
-    job_id: str,
-    state: str,
-    stage: str,
-    fraction: float,
-    result: domain.AttributionResult | None,
-    error: str,
-) -> pb.GetAttributionResponse:
+def job_update_to_pb(update: jobs.JobUpdate) -> pb.AttributeResponse:
+    """One Attribute stream message: the job id, progress, or the finished result."""
+    if update.result is not None:
+        return attribution_result_to_pb(update.job_id, update.result)
+    if update.stage is None:
+        return pb.AttributeResponse(job_id=update.job_id)
+    progress = pb.Progress(stage=update.stage, fraction=update.fraction)
+    return pb.AttributeResponse(job_id=update.job_id, progress=progress)
+
+
+def job_to_pb(job: jobs.Job) -> pb.GetAttributionResponse:
+    """GetAttribution: state, progress, the result when done, and the error a client may see
+    (``jobs.public_error``: never raw exception text)."""
     out = pb.GetAttributionResponse(
-        job_id=job_id,
-        state=_JOB_STATES[state],
-        progress=pb.Progress(stage=stage, fraction=fraction),
-        error=error,
+        job_id=job.id,
+        state=_JOB_STATES[job.state],
+        progress=pb.Progress(stage=job.stage, fraction=job.fraction),
+        error=job.error_message,
     )
+    result: domain.AttributionResult | None = job.result if job.state == jobs.DONE else None
     if result is not None:
         out.provenance.CopyFrom(provenance_to_pb(result.provenance))
         if result.ranking:

@@ -17,13 +17,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from featuresteer_server.errors import NotFound, ResourceExhausted, status_for
+from featuresteer_server.errors import Cancelled, NotFound, ResourceExhausted, status_for
 
 log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -50,6 +50,17 @@ class Job:
 
     def _touch(self) -> None:
         self.changed.set()
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """One step of a followed job: its id alone (first), progress (``stage``), or the
+    finished ``result`` (last)."""
+
+    job_id: str
+    stage: str | None = None
+    fraction: float = 0.0
+    result: Any = None
 
 
 def public_error(exc: BaseException, job_id: str) -> str:
@@ -141,6 +152,31 @@ class JobStore:
             job.finished_at = time.monotonic()
             job._touch()
             job.task.cancel()  # leaves the semaphore's queue without ever acquiring it
+
+    async def follow(self, job: Job, *, detach: bool = False) -> AsyncIterator[JobUpdate]:
+        """The job's id, every progress change, then its result; raises the job's error, or
+        CANCELLED. A follower that stops early (the client went away) cancels the job unless
+        ``detach`` (then GetAttribution can still fetch it)."""
+        finished = False
+        try:
+            yield JobUpdate(job.id)
+            last: tuple[str, float] | None = None
+            while not job.done:
+                job.changed.clear()
+                if (job.stage, job.fraction) != last:
+                    last = (job.stage, job.fraction)
+                    yield JobUpdate(job.id, stage=job.stage, fraction=job.fraction)
+                if not job.done:
+                    await job.changed.wait()
+            finished = True
+            if job.error is not None:
+                raise job.error
+            if job.state == CANCELLED:
+                raise Cancelled(f"attribution job {job.id} was cancelled")
+            yield JobUpdate(job.id, result=job.result)
+        finally:
+            if not finished and not detach:  # the follower went away: free the work
+                self.cancel(job)
 
     def cancel_all(self) -> None:
         """Cancel every unfinished job (server stop)."""
