@@ -90,7 +90,7 @@ import torch
 from torch import Tensor
 
 from featuresteer_server import domain
-from featuresteer_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from featuresteer_server.errors import InvalidArgument, feature_dictionary
 
 Op = domain.Op
 ApplyTo = domain.ApplyTo
@@ -253,17 +253,11 @@ def _bounded(
 
 
 def _lookup(ref: domain.FeatureRef, dictionaries: Mapping[str, Any], field_name: str) -> Any:
-    d = dictionaries.get(ref.dictionary_id)
-    if d is None:
-        raise NotFound(f"{field_name}.dictionary_id: unknown dictionary {ref.dictionary_id!r}")
-    if ref.fingerprint and ref.fingerprint != d.fingerprint:
-        raise FailedPrecondition(
-            f"{field_name}.fingerprint: {ref.fingerprint!r} does not match the loaded "
-            f"dictionary {ref.dictionary_id!r} ({d.fingerprint}); it was retrained or replaced"
-        )
-    if not 0 <= ref.index < d.d_sae:
-        raise InvalidArgument(f"{field_name}.index", f"{ref.index} outside [0, {d.d_sae})")
-    return d
+    """The feature's dictionary through the one lookup (``errors.feature_dictionary``:
+    NOT_FOUND, FAILED_PRECONDITION on a stale fingerprint, INVALID_ARGUMENT on the index)."""
+    return feature_dictionary(
+        dictionaries, ref.dictionary_id, ref.index, ref.fingerprint, field_name
+    )
 
 
 def compile_steering(
