@@ -7,6 +7,7 @@ test module); re-exported here so tests import them as ``tests.support``."""
 from __future__ import annotations
 
 from featuresteer_server.testing import (
+    ISSUE_PROMPTS,
     TINY,
     default_hf_tokenizer,
     random_weights,
@@ -17,6 +18,7 @@ from featuresteer_server.testing import (
 )
 
 __all__ = [
+    "ISSUE_PROMPTS",
     "TINY",
     "default_hf_tokenizer",
     "random_weights",

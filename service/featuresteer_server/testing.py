@@ -36,6 +36,16 @@ from featuresteer_server.tokenization import Tokenizer
 # the circuit-tracer reference harness (scripts that run in the reference venv)
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "tests" / "reference"
 PARITY_PROMPT = "The capital of France is Paris, and the capital of Germany is Berlin. The"
+# the hardening issue's isolation repro: six unsteered greedy requests, the poisoning one, the
+# six again (tests/integration/test_generate.py, tests/e2e/test_vllm.py)
+ISSUE_PROMPTS = (
+    "Hello",
+    "I think that",
+    "Water boils at",
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+)
 
 # -- tiny models, random dictionaries, engines ------------------------------------------------
 

@@ -28,7 +28,7 @@ from featuresteer_server.dictionaries import load_dictionary  # noqa: E402
 from featuresteer_server.engines.hooked import HookedEngine  # noqa: E402
 from featuresteer_server.errors import InvalidArgument  # noqa: E402
 from featuresteer_server.tokenization import Tokenizer  # noqa: E402
-from tests.support import write_random_dictionary  # noqa: E402
+from tests.support import ISSUE_PROMPTS, write_random_dictionary  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 
@@ -545,17 +545,6 @@ def test_trace_state_dropped_after_finish_and_cancel(h: Harness) -> None:
     h.run(expire())
     assert seen and all(c.trace for c in seen if c.token is not None)
     _assert_no_trace_state(h)
-
-
-# the hardening issue's repro: six unsteered greedy requests, the poisoning request, the six again
-ISSUE_PROMPTS = (
-    "Hello",
-    "I think that",
-    "Water boils at",
-    "The capital of France is",
-    "Once upon a time",
-    "def fibonacci(n):",
-)
 
 
 def test_nonfinite_request_is_aborted_and_other_clients_unharmed(h: Harness) -> None:

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from featuresteer.v1 import featuresteer_pb2 as pb
+from tests.support import ISSUE_PROMPTS
 
 pytestmark = pytest.mark.integration
 SAE = "tiny/res-topk-128/blocks.1.hook_resid_post@v1"
@@ -162,16 +163,6 @@ async def test_deadline_exceeded_then_served(stub) -> None:  # type: ignore[no-u
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     chunks = await asyncio.wait_for(stream(stub, max_new_tokens=4), timeout=60)
     assert len(ids(chunks)) == 4
-
-
-ISSUE_PROMPTS = (
-    "Hello",
-    "I think that",
-    "Water boils at",
-    "The capital of France is",
-    "Once upon a time",
-    "def fibonacci(n):",
-)
 
 
 async def test_poisoning_request_refused_and_others_unharmed(stub) -> None:  # type: ignore[no-untyped-def]
