@@ -1,15 +1,14 @@
-"""Domain exceptions and the one mapping from them to gRPC status codes.
-
-Engines, the dictionary runtime and converters raise these; only the error interceptor
-(``interceptors.py``) turns them into statuses. Nothing else picks status codes.
+"""Domain exceptions, each of one ``ErrorKind``, and ``kind_of`` (which also classifies the
+dictionary runtime's and the attribution package's own exceptions). Free of gRPC: the error
+interceptor (``interceptors.py``) is the one place a kind becomes a status code (the kinds are
+named after gRPC's codes). Nothing else picks status codes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import Enum
 from typing import Protocol, TypeVar
-
-import grpc
 
 # at most this many characters of a user-supplied value go into an error message (a 16 KB
 # dictionary id echoed back turned NOT_FOUND into a client-side RESOURCE_EXHAUSTED)
@@ -31,16 +30,32 @@ def bounded_message(message: str, limit: int = 1024) -> str:
     return message if len(message) <= limit else f"{message[:limit]}… (message truncated)"
 
 
+class ErrorKind(Enum):
+    """What went wrong, in the vocabulary of the API's status codes (same names)."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    FAILED_PRECONDITION = "failed_precondition"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAVAILABLE = "unavailable"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"
+    UNIMPLEMENTED = "unimplemented"
+    INTERNAL = "internal"
+
+
 class FeatureSteerError(Exception):
     """Base of every error the service reports on purpose."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    kind: ErrorKind = ErrorKind.INTERNAL
 
 
 class InvalidArgument(FeatureSteerError):
     """A request field is malformed or out of range; the message names the field."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = ErrorKind.INVALID_ARGUMENT
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
@@ -51,74 +66,70 @@ class InvalidArgument(FeatureSteerError):
 class NotFound(FeatureSteerError):
     """Unknown dictionary, feature, preset or job."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    kind = ErrorKind.NOT_FOUND
 
 
 class FailedPrecondition(FeatureSteerError):
     """The request pinned a state the server no longer has (e.g. a stale fingerprint)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = ErrorKind.FAILED_PRECONDITION
 
 
 class ResourceExhausted(FeatureSteerError):
     """Queue full or memory budget exceeded."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = ErrorKind.RESOURCE_EXHAUSTED
 
 
 class Unavailable(FeatureSteerError):
     """The model is loading, the server is draining, or a backing store is down."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = ErrorKind.UNAVAILABLE
 
 
 class Unauthenticated(FeatureSteerError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    kind = ErrorKind.UNAUTHENTICATED
 
 
 class PermissionDenied(FeatureSteerError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    kind = ErrorKind.PERMISSION_DENIED
 
 
 class DeadlineExceeded(FeatureSteerError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    kind = ErrorKind.DEADLINE_EXCEEDED
 
 
 class Cancelled(FeatureSteerError):
-    code = grpc.StatusCode.CANCELLED
+    kind = ErrorKind.CANCELLED
 
 
-def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The status code for an exception: ours carry one, the dictionary runtime's (which
-    stays free of gRPC) are mapped here, anything else is INTERNAL."""
+def kind_of(exc: BaseException) -> ErrorKind:
+    """The kind of an exception: ours carry one; the dictionary runtime's and attribution's
+    (which stay free of this module) are classified here; anything else is INTERNAL."""
+    from featuresteer_server.attribution import types as attr
     from featuresteer_server.dictionaries import errors as dict_errors
 
     if isinstance(exc, FeatureSteerError):
-        return exc.code
-    if isinstance(exc, dict_errors.DictionaryNotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, dict_errors.FingerprintMismatch):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, dict_errors.FeatureEditRefused):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if type(exc).__module__.startswith("featuresteer_server.attribution"):
-        from featuresteer_server.attribution import types as attr
-
-        if isinstance(exc, attr.AttributionCancelled):
-            return grpc.StatusCode.CANCELLED
-        if isinstance(exc, attr.AttributionBudgetExceeded):
-            return grpc.StatusCode.RESOURCE_EXHAUSTED
-        if isinstance(exc, attr.AttributionError):
-            return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.INTERNAL
+        return exc.kind
+    table: tuple[tuple[type[BaseException], ErrorKind], ...] = (
+        (dict_errors.DictionaryNotFound, ErrorKind.NOT_FOUND),
+        (dict_errors.FingerprintMismatch, ErrorKind.FAILED_PRECONDITION),
+        (dict_errors.FeatureEditRefused, ErrorKind.INVALID_ARGUMENT),
+        (attr.AttributionCancelled, ErrorKind.CANCELLED),
+        (attr.AttributionBudgetExceeded, ErrorKind.RESOURCE_EXHAUSTED),
+        (attr.AttributionError, ErrorKind.INVALID_ARGUMENT),
+        (TimeoutError, ErrorKind.DEADLINE_EXCEEDED),
+    )
+    for cls, kind in table:
+        if isinstance(exc, cls):
+            return kind
+    return ErrorKind.INTERNAL
 
 
 class Unimplemented(FeatureSteerError):
     """An RPC of the contract that this server version does not serve yet."""
 
-    code = grpc.StatusCode.UNIMPLEMENTED
+    kind = ErrorKind.UNIMPLEMENTED
 
 
 class _Pinned(Protocol):

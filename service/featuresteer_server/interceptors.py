@@ -28,10 +28,18 @@ from typing import Any
 
 import grpc
 
-from featuresteer_server.errors import bounded_message, status_for
+from featuresteer_server.errors import ErrorKind, bounded_message, kind_of
 from featuresteer_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The one mapping from what went wrong (``errors.kind_of``) to a gRPC status code."""
+    return STATUS[kind_of(exc)]
+
+
+STATUS: dict[ErrorKind, grpc.StatusCode] = {k: grpc.StatusCode[k.name] for k in ErrorKind}
 
 
 def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:

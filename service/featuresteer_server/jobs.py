@@ -21,9 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
-from featuresteer_server.errors import Cancelled, NotFound, ResourceExhausted, status_for
+from featuresteer_server.errors import Cancelled, ErrorKind, NotFound, ResourceExhausted, kind_of
 
 log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -67,7 +65,7 @@ def public_error(exc: BaseException, job_id: str) -> str:
     """The message a client may see for a failed job: a domain error's own message (it has a
     status code of its own), else a generic one whose request id is logged with the
     traceback (raw exception text can leak paths, tensors or internals)."""
-    if status_for(exc) != grpc.StatusCode.INTERNAL:
+    if kind_of(exc) is not ErrorKind.INTERNAL:
         return str(exc)
     request_id = uuid.uuid4().hex[:12]
     log.error(
