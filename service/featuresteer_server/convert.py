@@ -563,11 +563,11 @@ def attribution_result_to_pb(job_id: str, res: domain.AttributionResult) -> pb.A
 
 
 _JOB_STATES = {
-    "queued": pb.JOB_STATE_QUEUED,
-    "running": pb.JOB_STATE_RUNNING,
-    "done": pb.JOB_STATE_DONE,
-    "failed": pb.JOB_STATE_FAILED,
-    "cancelled": pb.JOB_STATE_CANCELLED,
+    jobs.JobState.QUEUED: pb.JOB_STATE_QUEUED,
+    jobs.JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    jobs.JobState.DONE: pb.JOB_STATE_DONE,
+    jobs.JobState.FAILED: pb.JOB_STATE_FAILED,
+    jobs.JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
 }
 
 
@@ -590,7 +590,9 @@ def job_to_pb(job: jobs.Job) -> pb.GetAttributionResponse:
         progress=pb.Progress(stage=job.stage, fraction=job.fraction),
         error=job.error_message,
     )
-    result: domain.AttributionResult | None = job.result if job.state == jobs.DONE else None
+    result: domain.AttributionResult | None = (
+        job.result if job.state is jobs.JobState.DONE else None
+    )
     if result is not None:
         out.provenance.CopyFrom(provenance_to_pb(result.provenance))
         if result.ranking:

@@ -19,19 +19,32 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from featuresteer_server.errors import Cancelled, ErrorKind, NotFound, ResourceExhausted, kind_of
 
 log = logging.getLogger(__name__)
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+
+
+class JobState(StrEnum):
+    """Where an attribution job is (converted to the API's JobState only in convert.py)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = JobState  # the members, by their short names
 ProgressFn = Callable[[str, float], None]
 
 
 @dataclass
 class Job:
     id: str
-    state: str = QUEUED
+    state: JobState = QUEUED
     stage: str = "queued"
     fraction: float = 0.0
     result: Any = None
