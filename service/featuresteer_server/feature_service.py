@@ -27,18 +27,21 @@ class FeatureService:
         d = catalog.resolve(ref)
 
         async def compute() -> bytes:
-            return convert.feature_to_pb(await catalog.get_feature(ref)).SerializeToString()
+            data: bytes = convert.feature_to_pb(await catalog.get_feature(ref)).SerializeToString()
+            return data
 
         key = self.cache.key("feature", d.fingerprint, ref.index)
         parse = pb.GetFeatureResponse.FromString
-        return parse(await self.cache.get_or_compute(key, compute, parse))
+        answer: pb.GetFeatureResponse = parse(await self.cache.get_or_compute(key, compute, parse))
+        return answer
 
     async def search(self, req: domain.SearchRequest) -> pb.SearchFeaturesResponse:
         catalog = self.catalog()
         scope = catalog.search_scope(req)
 
         async def compute() -> bytes:
-            return convert.search_result_to_pb(await catalog.search(req)).SerializeToString()
+            data: bytes = convert.search_result_to_pb(await catalog.search(req)).SerializeToString()
+            return data
 
         if req.token_id is not None:
             key = self.cache.key("search-token", scope.fingerprint, req.token_id, req.limit)
@@ -46,4 +49,7 @@ class FeatureService:
             digest = hashlib.sha256((req.query or "").lower().encode()).hexdigest()[:32]
             key = self.cache.key("search-text", scope.fingerprint, req.limit, digest)
         parse = pb.SearchFeaturesResponse.FromString
-        return parse(await self.cache.get_or_compute(key, compute, parse))
+        found: pb.SearchFeaturesResponse = parse(
+            await self.cache.get_or_compute(key, compute, parse)
+        )
+        return found

@@ -140,7 +140,7 @@ def normalized(norm: Norm, x: Tensor, eps: float) -> Tensor:
 
 def affine(norm_module: Any, n: Tensor) -> Tensor:
     """A normalised ``n`` through the norm's weight (and bias, when it has one)."""
-    out = n * norm_module.weight
+    out: Tensor = n * norm_module.weight
     bias = getattr(norm_module, "bias", None)
     return out + bias if isinstance(bias, Tensor) else out
 
