@@ -80,7 +80,11 @@ async def test_default_server_over_grpcurl(tmp_path: Path) -> None:
         (item,) = res["items"]
         assert item["tokens"][0]["id"] == 1
         assert "".join(t["text"] for t in item["tokens"][1:]) == TEXT
-        assert {r["dictionary_id"] for r in item["results"]} == set(ids)
+        # no dictionary_ids: the decode defaults, i.e. the loaded SAEs (not the transcoders),
+        # at most max_dictionaries_per_call of them (hardening issue, bounded work)
+        saes = [d["id"] for d in info["dictionaries"] if not d.get("hook_name_out")]
+        assert 1 <= len(saes) <= cfg.max_dictionaries_per_call
+        assert {r["dictionary_id"] for r in item["results"]} == set(saes)
         for r in item["results"]:
             assert len(r["positions"]) == len(item["tokens"])
             assert all(p.get("error_norm", 0) > 0 for p in r["positions"])
