@@ -42,9 +42,6 @@ from featuresteer_server.planning import RunPlan
 from featuresteer_server.stream import TokenStream
 from featuresteer_server.tokenization import Tokenizer
 
-# what a non-finite error names when the rows went non-finite after the last edit hook
-FINAL_NORM = "the final norm's input"
-
 
 @dataclass
 class RunResult:
@@ -158,7 +155,7 @@ class HookSession:
 
     def _on_final_norm(self, module: Any, args: tuple[Any, ...]) -> None:
         if bool(interventions.nonfinite_rows(args[0][0]).any()):  # [T, d] the last residual
-            raise interventions.nonfinite_error(self.spec, FINAL_NORM)
+            raise interventions.nonfinite_error(self.spec, interventions.FINAL_NORM)
 
     # -- hooks
     def _on_embed(self, module: Any, args: tuple[Any, ...]) -> None:

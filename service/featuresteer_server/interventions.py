@@ -78,6 +78,7 @@ non-finite may reach a shared KV cache.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -174,10 +175,15 @@ class Edit:
     index: int = -1
     vector: Tensor | None = None  # [d] float32 for raw-vector edits (ADD: the vector itself)
     unit: Tensor | None = None  # [d] float32 v̂, computed in float64 (raw-vector edits)
-    positions_t: Tensor | None = None  # [p] int64 ``positions`` once, not per forward
     when_dictionary: Any = None
     when_index: int = -1
     when_above: float = 0.0
+    # [p] int64 ``positions`` as a tensor, built once with the edit, not per forward
+    positions_t: Tensor | None = dataclasses.field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.positions:
+            object.__setattr__(self, "positions_t", torch.tensor(self.positions, dtype=torch.long))
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,9 +219,7 @@ class SteeringSpec:
 
 
 def _replace(e: Edit, **kw: Any) -> Edit:
-    from dataclasses import replace
-
-    return replace(e, **kw)
+    return dataclasses.replace(e, **kw)
 
 
 def _finite(v: float, field_name: str) -> float:
@@ -378,8 +382,6 @@ def compile_steering(
             )
             used[cd.id] = cd.fingerprint
             item["when"] = [cd.id, cd.fingerprint, int(iv.when.feature.index), above.hex()]
-        if edit.positions:
-            edit = _replace(edit, positions_t=torch.tensor(edit.positions, dtype=torch.long))
         edits.append(edit)
         canon.append(item)
     if not edits:
@@ -409,10 +411,9 @@ def _build(edits: tuple[Edit, ...], fingerprint: str, used: dict[str, str]) -> S
 def row_mask(e: Edit, positions: Tensor, prompt_len: int | Tensor, special: Tensor) -> Tensor:
     """[n] bool: rows the edit's scope covers (before ``when``)."""
     if e.positions:
-        wanted = e.positions_t
-        if wanted is None:
-            wanted = torch.tensor(e.positions, dtype=torch.long)
-        return torch.isin(positions, wanted.to(device=positions.device, dtype=positions.dtype))
+        assert e.positions_t is not None  # built with the edit
+        wanted = e.positions_t.to(device=positions.device, dtype=positions.dtype)
+        return torch.isin(positions, wanted)
     if e.apply_to is ApplyTo.PROMPT:
         mask = positions < prompt_len
     elif e.apply_to is ApplyTo.GENERATED:
@@ -500,6 +501,11 @@ def _target(e: Edit, a: Tensor) -> Tensor:
 def nonfinite_rows(x: Tensor) -> Tensor:
     """[n] bool: rows of ``x`` [n, d] holding a NaN or an infinity."""
     return ~torch.isfinite(x).all(dim=-1)
+
+
+# what a non-finite error names when steered rows went non-finite after the last edit hook,
+# at the input of the final norm (both engines check it)
+FINAL_NORM = "the final norm's input"
 
 
 def nonfinite_error(spec: SteeringSpec, hook: str) -> InvalidArgument:

@@ -81,7 +81,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from featuresteer_server import taps
+from featuresteer_server import interventions, taps
 from featuresteer_server.engines.vllm import grouping
 from featuresteer_server.engines.vllm.state import Fault, Group, WorkerState, zero_stats
 
@@ -106,7 +106,6 @@ class SteeringWorkerExtension:
         Returns:
             {"dictionaries": n, "hooks": n_hooks, "dtype": str} for the engine's log.
         """
-        from featuresteer_server import interventions
         from featuresteer_server.dictionaries import load_dictionary
 
         fs = self._fs()
@@ -285,8 +284,6 @@ class SteeringWorkerExtension:
     def _fs_process(self, hook: str, x: Tensor) -> dict[int, Tensor]:
         """Capture pre-edit rows at ``hook`` and edit them; returns {group index: [n, d] new
         rows} for the groups that have edits here (x itself is never written)."""
-        from featuresteer_server import interventions
-
         step = self._fs().step
         out: dict[int, Tensor] = {}
         if step is None:
@@ -359,8 +356,6 @@ class SteeringWorkerExtension:
 
     def _fs_fault(self, g: Group, bad: Tensor, hook: str) -> None:
         """Record every request owning a True row of ``bad`` [n] (group rows) as faulted."""
-        from featuresteer_server import interventions
-
         fs = self._fs()
         hit = set(bad.nonzero().flatten().tolist())
         runner_ids = {key: rid for rid, key in fs.keys.items()}
@@ -375,8 +370,6 @@ class SteeringWorkerExtension:
     def _fs_guard(self, g: Group, hook: str, rows: Tensor) -> Tensor:
         """Edited rows [n, d] of one group -> the same rows, with every row that is not
         finite zeroed and its request faulted."""
-        from featuresteer_server import interventions
-
         bad = interventions.nonfinite_rows(rows)  # [n]
         if not bool(bad.any()):
             return rows
@@ -389,8 +382,6 @@ class SteeringWorkerExtension:
         """The steered rows of a (hidden, residual) pair (or of ``hidden`` alone): any
         non-finite row becomes (0, 0) and its request is faulted; None when every steered row
         is finite (nothing written). Other requests' rows are neither read nor written."""
-        from featuresteer_server import interventions
-
         step = self._fs().step
         assert step is not None
         out: tuple[Tensor, Tensor | None] | None = None
@@ -431,7 +422,7 @@ class SteeringWorkerExtension:
         if step is None or step.guard_from is None:
             return None
         hidden, residual = args[0], args[1] if len(args) > 1 else None
-        res = self._fs_guard_sum("ln_final", hidden, residual)
+        res = self._fs_guard_sum(interventions.FINAL_NORM, hidden, residual)
         if res is None:
             return None
         return (res[0], res[1], *args[2:]) if len(args) > 1 else (res[0], *args[1:])
@@ -505,8 +496,6 @@ class SteeringWorkerExtension:
         norm_hook = f"blocks.{layer}.ln2.hook_normalized"
 
         def fn(module: Any, args: Any, out: Any) -> Any:
-            from featuresteer_server import interventions
-
             step = self._fs().step
             if step is None:
                 return None
